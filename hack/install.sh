@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# Install or uninstall kuasar-go sandboxers on this node.
+#
+#   hack/install.sh [options] SANDBOXER...     SANDBOXER: runc|wasm|vmm|quark|all
+#
+# For each sandboxer NAME it installs
+#   _output/bin/NAME-sandboxer           -> DESTDIR PREFIX/bin/NAME-sandboxer          (0755)
+#   deploy/systemd/NAME-sandboxer.service -> DESTDIR/etc/systemd/system/              (0644)
+#   deploy/config/NAME-sandboxer.toml     -> DESTDIR/etc/kuasar-go/  never overwritten (0644)
+#   deploy/containerd/NAME-sandboxer.toml -> DESTDIR/etc/containerd/conf.d/            (0644)
+# and tells how to make containerd import the drop-in when its config does not.
+# Running it twice changes nothing more; --uninstall removes what it installed
+# except the configuration file. "all" means every sandboxer that has a unit
+# file under deploy/.
+set -euo pipefail
+
+usage() {
+	cat <<EOF
+usage: $0 [--prefix DIR] [--destdir DIR] [--output DIR] [--dry-run] [--uninstall] SANDBOXER...
+  SANDBOXER     runc, wasm, vmm, quark or all
+  --prefix DIR  installation prefix of the binary (default /usr/local; the unit's ExecStart follows it)
+  --destdir DIR stage everything under DIR instead of / (packaging, tests)
+  --output DIR  build output holding bin/NAME-sandboxer (default <repo>/_output, as make build)
+  --dry-run     print what would be done, change nothing
+  --uninstall   remove the binary, the unit and the containerd drop-in (keeps the config)
+EOF
+}
+
+die() {
+	echo "install.sh: error: $*" >&2
+	exit 1
+}
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KNOWN=(runc wasm vmm quark)
+
+PREFIX=${PREFIX:-/usr/local}
+DESTDIR=${DESTDIR:-}
+OUTPUT=${OUT:-$REPO/_output}
+DRY_RUN=0
+UNINSTALL=0
+NAMES=()
+
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--prefix) [ $# -ge 2 ] || die "--prefix needs a value"; PREFIX=$2; shift 2 ;;
+	--prefix=*) PREFIX=${1#*=}; shift ;;
+	--destdir) [ $# -ge 2 ] || die "--destdir needs a value"; DESTDIR=$2; shift 2 ;;
+	--destdir=*) DESTDIR=${1#*=}; shift ;;
+	--output) [ $# -ge 2 ] || die "--output needs a value"; OUTPUT=$2; shift 2 ;;
+	--output=*) OUTPUT=${1#*=}; shift ;;
+	--dry-run) DRY_RUN=1; shift ;;
+	--uninstall) UNINSTALL=1; shift ;;
+	-h | --help) usage; exit 0 ;;
+	--) shift; NAMES+=("$@"); break ;;
+	-*) usage >&2; die "unknown option $1" ;;
+	*) NAMES+=("$1"); shift ;;
+	esac
+done
+
+[ ${#NAMES[@]} -gt 0 ] || { usage >&2; die "no sandboxer named"; }
+case "$PREFIX" in
+/*) ;;
+*) die "--prefix must be an absolute path, got '$PREFIX'" ;;
+esac
+PREFIX=${PREFIX%/}
+[ -n "$PREFIX" ] || PREFIX=/
+DESTDIR=${DESTDIR%/}
+
+if [ "$PREFIX" = / ]; then BINDIR=/bin; else BINDIR=$PREFIX/bin; fi
+UNITDIR=/etc/systemd/system
+CONFDIR=/etc/kuasar-go
+DROPINDIR=/etc/containerd/conf.d
+CONTAINERD_CONFIG=/etc/containerd/config.toml
+
+# Sources of one sandboxer.
+src_bin() { echo "$OUTPUT/bin/$1-sandboxer"; }
+src_unit() { echo "$REPO/deploy/systemd/$1-sandboxer.service"; }
+src_config() { echo "$REPO/deploy/config/$1-sandboxer.toml"; }
+src_dropin() { echo "$REPO/deploy/containerd/$1-sandboxer.toml"; }
+
+# Resolve the names: "all" expands to every sandboxer with a unit under deploy/
+# (for --uninstall, to every known one); duplicates are dropped.
+SELECTED=()
+add_name() {
+	local n
+	for n in "${SELECTED[@]+"${SELECTED[@]}"}"; do
+		[ "$n" = "$1" ] && return 0
+	done
+	SELECTED+=("$1")
+}
+for name in "${NAMES[@]}"; do
+	name=${name%-sandboxer}
+	if [ "$name" = all ]; then
+		found=0
+		for k in "${KNOWN[@]}"; do
+			if [ "$UNINSTALL" = 1 ] || [ -f "$(src_unit "$k")" ]; then
+				add_name "$k"
+				found=1
+			fi
+		done
+		[ "$found" = 1 ] || die "'all': no sandboxer has a unit under $REPO/deploy/systemd"
+		continue
+	fi
+	known=0
+	for k in "${KNOWN[@]}"; do
+		[ "$k" = "$name" ] && known=1
+	done
+	[ "$known" = 1 ] || die "unknown sandboxer '$name' (want one of: ${KNOWN[*]} all)"
+	add_name "$name"
+done
+
+# run CMD...: execute, or print under --dry-run.
+run() {
+	if [ "$DRY_RUN" = 1 ]; then
+		echo "would run: $*"
+	else
+		"$@"
+	fi
+}
+
+# put SRC DEST MODE [LABEL]: install SRC as DEST with MODE, atomically (a new
+# file renamed over the old one, so a running binary is never written into).
+# LABEL names SRC in messages.
+put() {
+	local src=$1 dest=$2 mode=$3 label=${4:-$1}
+	if [ -f "$dest" ] && cmp -s "$src" "$dest" && [ "$(stat -c %a "$dest")" = "$mode" ]; then
+		echo "unchanged  $dest"
+		return 0
+	fi
+	if [ "$DRY_RUN" = 1 ]; then
+		echo "would install $label -> $dest (mode $mode)"
+		return 0
+	fi
+	mkdir -p "$(dirname "$dest")"
+	local tmp
+	tmp=$(mktemp "$(dirname "$dest")/.$(basename "$dest").XXXXXX")
+	if ! install -m "$mode" "$src" "$tmp" || ! mv -f "$tmp" "$dest"; then
+		rm -f "$tmp"
+		die "cannot install $dest"
+	fi
+	echo "installed  $dest"
+}
+
+# remove DEST: delete a file if it is there.
+remove() {
+	local dest=$1
+	if [ ! -e "$dest" ] && [ ! -L "$dest" ]; then
+		echo "absent     $dest"
+		return 0
+	fi
+	if [ "$DRY_RUN" = 1 ]; then
+		echo "would remove $dest"
+		return 0
+	fi
+	rm -f "$dest"
+	echo "removed    $dest"
+}
+
+# systemd is only driven for a real install on a host booted with it.
+live_systemd() {
+	[ -z "$DESTDIR" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1
+}
+
+TMPDIR_INSTALL=$(mktemp -d)
+trap 'rm -rf "$TMPDIR_INSTALL"' EXIT
+
+do_install() {
+	local name missing=() f
+	# Check every source first so that nothing is half installed.
+	for name in "${SELECTED[@]}"; do
+		for f in "$(src_bin "$name")" "$(src_unit "$name")" "$(src_config "$name")" "$(src_dropin "$name")"; do
+			[ -f "$f" ] || missing+=("$f")
+		done
+	done
+	if [ ${#missing[@]} -gt 0 ]; then
+		for f in "${missing[@]}"; do
+			echo "install.sh: missing $f" >&2
+		done
+		die "missing files (run 'make build' for binaries under $OUTPUT/bin)"
+	fi
+
+	for name in "${SELECTED[@]}"; do
+		local unit="$TMPDIR_INSTALL/$name-sandboxer.service"
+		# The unit names /usr/local/bin; follow --prefix.
+		sed "s|/usr/local/bin/|$BINDIR/|g" "$(src_unit "$name")" >"$unit"
+
+		put "$(src_bin "$name")" "$DESTDIR$BINDIR/$name-sandboxer" 755
+		put "$unit" "$DESTDIR$UNITDIR/$name-sandboxer.service" 644 \
+			"$(src_unit "$name") (ExecStart in $BINDIR)"
+		local conf="$DESTDIR$CONFDIR/$name-sandboxer.toml"
+		if [ -e "$conf" ]; then
+			echo "kept       $conf (existing configuration is never overwritten)"
+		else
+			put "$(src_config "$name")" "$conf" 644
+		fi
+		put "$(src_dropin "$name")" "$DESTDIR$DROPINDIR/$name-sandboxer.toml" 644
+	done
+
+	if live_systemd; then
+		run systemctl daemon-reload
+	fi
+
+	# containerd reads the drop-ins only through an imports line.
+	local cc="$DESTDIR$CONTAINERD_CONFIG"
+	if [ -f "$cc" ] && grep -Eq '^[[:space:]]*imports[[:space:]]*=.*(/etc/containerd/)?conf\.d/\*\.toml' "$cc"; then
+		echo "ok         $cc imports $DROPINDIR/*.toml"
+	else
+		echo
+		if [ -f "$cc" ]; then
+			echo "NOTE: $cc does not import $DROPINDIR/*.toml. Add this line at its top,"
+			echo "      before the first [table] (append to an existing imports list if there is one):"
+		else
+			echo "NOTE: $cc does not exist. Create it with at least:"
+			echo "        version = 3"
+		fi
+		echo "        imports = [\"$DROPINDIR/*.toml\"]"
+	fi
+	echo
+	echo "Next steps:"
+	echo "  systemctl restart containerd     # containerd reads config and drop-ins at start"
+	for name in "${SELECTED[@]}"; do
+		echo "  systemctl enable --now $name-sandboxer"
+	done
+}
+
+do_uninstall() {
+	local name
+	for name in "${SELECTED[@]}"; do
+		if live_systemd && systemctl cat "$name-sandboxer.service" >/dev/null 2>&1; then
+			# KillMode=process: stopping the daemon leaves running pods alone.
+			run systemctl disable --now "$name-sandboxer.service"
+		fi
+		remove "$DESTDIR$UNITDIR/$name-sandboxer.service"
+		remove "$DESTDIR$DROPINDIR/$name-sandboxer.toml"
+		remove "$DESTDIR$BINDIR/$name-sandboxer"
+		if [ -e "$DESTDIR$CONFDIR/$name-sandboxer.toml" ]; then
+			echo "kept       $DESTDIR$CONFDIR/$name-sandboxer.toml (delete it by hand if no longer wanted)"
+		fi
+	done
+	if live_systemd; then
+		run systemctl daemon-reload
+	fi
+	echo
+	echo "Restart containerd to drop the removed runtime handlers: systemctl restart containerd"
+}
+
+if [ "$UNINSTALL" = 1 ]; then
+	do_uninstall
+else
+	do_install
+fi
