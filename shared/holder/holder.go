@@ -1,0 +1,302 @@
+// Package holder runs the small per-pod process that owns a pod's
+// namespaces: PID 1 of a new PID namespace (reaping orphans), with new IPC
+// and UTS namespaces, inside the network namespace CRI made. Containers join
+// its namespaces through /proc/<pid>/ns/*. It is the sandboxer binary itself,
+// re-executed, so no extra binary has to be installed.
+package holder
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/containerd/containerd/v2/pkg/sys/reaper"
+	runc "github.com/containerd/go-runc"
+	"golang.org/x/sys/unix"
+)
+
+// envMarker tells a re-executed sandboxer binary to act as a holder.
+const (
+	envMarker   = "KUASAR_GO_HOLDER"
+	envHostname = "KUASAR_GO_HOLDER_HOSTNAME"
+	readyFD     = 3
+)
+
+// Spec says which namespaces the holder owns.
+type Spec struct {
+	// NetnsPath is the network namespace to join; empty keeps the node's.
+	NetnsPath string
+	// NewPID, NewIPC, NewUTS create private namespaces; false shares the node's.
+	NewPID, NewIPC, NewUTS bool
+	// Hostname is set in the new UTS namespace.
+	Hostname string
+}
+
+// Exit is how a holder ended.
+type Exit struct {
+	Status int
+	At     time.Time
+}
+
+// Holder is a running holder process.
+type Holder struct {
+	Pid int
+	// StartTime is the process's start time in clock ticks since boot
+	// (/proc/<pid>/stat field 22); with Pid it names the process across
+	// PID reuse.
+	StartTime uint64
+}
+
+// IsHolder reports whether this process was started as a holder.
+func IsHolder() bool { return os.Getenv(envMarker) == "1" }
+
+// Main is the holder's whole life. Call it first in main when IsHolder.
+func Main() {
+	// Be as small as possible: one thread of Go work and no signal but the
+	// ones handled below.
+	runtime.GOMAXPROCS(1)
+	if h := os.Getenv(envHostname); h != "" {
+		if err := unix.Sethostname([]byte(h)); err != nil {
+			fmt.Fprintf(os.Stderr, "holder: set hostname: %v\n", err)
+			os.Exit(1)
+		}
+	}
+	sigs := make(chan os.Signal, 32)
+	signal.Notify(sigs, unix.SIGCHLD, unix.SIGTERM, unix.SIGINT)
+	signal.Ignore(unix.SIGHUP, unix.SIGPIPE)
+	ready := os.NewFile(readyFD, "ready")
+	ready.Write([]byte{1})
+	ready.Close()
+	for sig := range sigs {
+		if sig != unix.SIGCHLD {
+			os.Exit(0)
+		}
+		// Reap every orphan that was re-parented to us.
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+
+// Start launches a holder for spec and returns once its namespaces exist
+// and its hostname is set. The channel yields the holder's exit. The
+// process must reap through containerd's reaper (package reap).
+func Start(ctx context.Context, spec Spec) (*Holder, <-chan Exit, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, nil, fmt.Errorf("find own executable: %w", err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	defer r.Close()
+	cmd := exec.Command(self)
+	cmd.Args = []string{"kuasar-holder"}
+	cmd.Env = []string{envMarker + "=1", "GOMAXPROCS=1"}
+	if spec.NewUTS && spec.Hostname != "" {
+		cmd.Env = append(cmd.Env, envHostname+"="+spec.Hostname)
+	}
+	cmd.Dir = "/"
+	cmd.ExtraFiles = []*os.File{w} // fd 3
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if spec.NewPID {
+		cmd.SysProcAttr.Cloneflags |= unix.CLONE_NEWPID
+	}
+	if spec.NewIPC {
+		cmd.SysProcAttr.Cloneflags |= unix.CLONE_NEWIPC
+	}
+	if spec.NewUTS {
+		cmd.SysProcAttr.Cloneflags |= unix.CLONE_NEWUTS
+	}
+	ec, err := startInNetns(cmd, spec.NetnsPath)
+	w.Close()
+	if err != nil {
+		return nil, nil, err
+	}
+	pid := cmd.Process.Pid
+	exited := make(chan Exit, 1)
+	go func() {
+		status, _ := reaper.Default.Wait(cmd, ec)
+		exited <- Exit{Status: status, At: time.Now()}
+	}()
+
+	if err := waitReady(ctx, r); err != nil {
+		unix.Kill(pid, unix.SIGKILL)
+		<-exited
+		return nil, nil, fmt.Errorf("holder did not start: %w", err)
+	}
+	st, err := StartTime(pid)
+	if err != nil {
+		unix.Kill(pid, unix.SIGKILL)
+		<-exited
+		return nil, nil, err
+	}
+	return &Holder{Pid: pid, StartTime: st}, exited, nil
+}
+
+func waitReady(ctx context.Context, r *os.File) error {
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = time.Now().Add(10 * time.Second)
+	}
+	if err := r.SetReadDeadline(deadline); err != nil {
+		return err
+	}
+	buf := make([]byte, 1)
+	if _, err := r.Read(buf); err != nil {
+		return err
+	}
+	return nil
+}
+
+// startInNetns starts cmd from a thread switched into the network namespace
+// at path: a forked child inherits its parent thread's namespaces.
+func startInNetns(cmd *exec.Cmd, path string) (chan runc.Exit, error) {
+	if path == "" {
+		return reaper.Default.Start(cmd)
+	}
+	target, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", path, err)
+	}
+	defer target.Close()
+	runtime.LockOSThread()
+	orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("open own netns: %w", err)
+	}
+	defer orig.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("enter netns %s: %w", path, err)
+	}
+	ec, startErr := reaper.Default.Start(cmd)
+	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+		// Leave the thread locked: Go discards it when this goroutine
+		// ends, so no other goroutine runs in the pod's network.
+		return ec, startErr
+	}
+	runtime.UnlockOSThread()
+	return ec, startErr
+}
+
+// Stop ends the holder. With its own PID namespace, killing it kills every
+// process of the namespace; otherwise it is asked to exit first.
+func Stop(h Holder, timeout time.Duration) error {
+	alive, err := Alive(h)
+	if err != nil || !alive {
+		return err
+	}
+	if timeout > 0 {
+		unix.Kill(h.Pid, unix.SIGTERM)
+		deadline := time.Now().Add(timeout)
+		for time.Now().Before(deadline) {
+			if ok, _ := Alive(h); !ok {
+				return nil
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if err := unix.Kill(h.Pid, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("kill holder %d: %w", h.Pid, err)
+	}
+	return nil
+}
+
+// Alive reports whether h still runs (and is not a zombie).
+func Alive(h Holder) (bool, error) {
+	st, state, err := stat(h.Pid)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return st == h.StartTime && state != "Z" && state != "X", nil
+}
+
+// StartTime reads a process's start time from /proc.
+func StartTime(pid int) (uint64, error) {
+	st, _, err := stat(pid)
+	return st, err
+}
+
+func stat(pid int) (startTime uint64, state string, err error) {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, "", err
+	}
+	// The command name is in parentheses and may hold spaces.
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 {
+		return 0, "", fmt.Errorf("parse /proc/%d/stat", pid)
+	}
+	fields := strings.Fields(string(data[i+1:]))
+	// fields[0] is field 3 (state); start time is field 22.
+	if len(fields) < 20 {
+		return 0, "", fmt.Errorf("parse /proc/%d/stat", pid)
+	}
+	startTime, err = strconv.ParseUint(fields[19], 10, 64)
+	return startTime, fields[0], err
+}
+
+// exitStatusUnknown is reported for a holder that ended while it was not
+// this process's child, whose status cannot be collected.
+const exitStatusUnknown = 255
+
+// Watch reports the end of a holder that is not this process's child, as
+// after a daemon restart: it polls a pidfd through Go's netpoller, so no
+// thread blocks per pod.
+func Watch(h Holder) (<-chan Exit, error) {
+	exited := make(chan Exit, 1)
+	alive, err := Alive(h)
+	if err != nil {
+		return nil, err
+	}
+	if !alive {
+		exited <- Exit{Status: exitStatusUnknown, At: time.Now()}
+		return exited, nil
+	}
+	fd, err := unix.PidfdOpen(h.Pid, unix.PIDFD_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("pidfd of holder %d: %w", h.Pid, err)
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	// The PID may have been reused between Alive and PidfdOpen.
+	if ok, _ := Alive(h); !ok {
+		f.Close()
+		exited <- Exit{Status: exitStatusUnknown, At: time.Now()}
+		return exited, nil
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	go func() {
+		defer f.Close()
+		// A pidfd turns readable when its process exits.
+		rc.Read(func(fd uintptr) bool {
+			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+			n, _ := unix.Poll(fds, 0)
+			return n > 0
+		})
+		exited <- Exit{Status: exitStatusUnknown, At: time.Now()}
+	}()
+	return exited, nil
+}

@@ -1,0 +1,36 @@
+// Package reap makes a sandboxer daemon the reaper of everything it starts.
+// Container processes outlive the runtime CLI that created them and are
+// re-parented to the daemon (a child subreaper), which collects their exit
+// statuses on SIGCHLD and hands them to subscribers of containerd's reaper.
+package reap
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+
+	"github.com/containerd/containerd/v2/pkg/sys/reaper"
+	runc "github.com/containerd/go-runc"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// Start makes the process a child subreaper and starts reaping. Every child
+// the daemon starts afterwards must go through reaper.Default (Start/Wait),
+// as go-runc does once Start has run, or its exit status is lost.
+func Start(log *zap.Logger) error {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("become child subreaper: %w", err)
+	}
+	runc.Monitor = reaper.Default
+	sigs := make(chan os.Signal, 128)
+	signal.Notify(sigs, unix.SIGCHLD)
+	go func() {
+		for range sigs {
+			if err := reaper.Reap(); err != nil {
+				log.Debug("reap", zap.Error(err))
+			}
+		}
+	}()
+	return nil
+}

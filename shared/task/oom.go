@@ -1,0 +1,57 @@
+package task
+
+import (
+	"context"
+	"fmt"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	"github.com/containerd/cgroups/v3/cgroup1"
+	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2"
+	cevents "github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/core/runtime"
+	oomv1 "github.com/containerd/containerd/v2/pkg/oom/v1"
+	"go.uber.org/zap"
+)
+
+// oomPublisher lets containerd's cgroup v1 OOM epoller publish through the
+// service, which knows each container's namespace.
+type oomPublisher struct{ s *Service }
+
+func (p oomPublisher) Publish(_ context.Context, _ string, ev cevents.Event) error {
+	oom, ok := ev.(*eventstypes.TaskOOM)
+	if !ok {
+		return fmt.Errorf("unexpected OOM event %T", ev)
+	}
+	p.s.oomEvent(oom.ContainerID)
+	return nil
+}
+
+func newOOMv1Watcher(s *Service) (oomWatcher, error) {
+	return oomv1.New(oomPublisher{s})
+}
+
+func (s *Service) oomEvent(id string) {
+	s.mu.Lock()
+	c := s.containers[id]
+	s.mu.Unlock()
+	if c == nil {
+		return
+	}
+	s.publish(c.namespace, runtime.TaskOOMEventTopic, &eventstypes.TaskOOM{ContainerID: id})
+}
+
+// watchOOM reports OOM kills in the container's cgroup as TaskOOM events.
+func (s *Service) watchOOM(ctx context.Context, c *containerEntry) {
+	var err error
+	switch cg := c.Cgroup().(type) {
+	case cgroup1.Cgroup:
+		if s.oom1 != nil {
+			err = s.oom1.Add(c.ID, cg)
+		}
+	case *cgroupsv2.Manager:
+		err = c.OOMWatch(s.ctx, s.oomEvent)
+	}
+	if err != nil {
+		s.log.Warn("cannot watch OOM events", zap.String("container", c.ID), zap.Error(err))
+	}
+}

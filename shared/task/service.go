@@ -1,0 +1,766 @@
+// Package task serves containerd's task API (containerd.task.v3.Task over
+// ttrpc) for every container of every pod of one sandboxer, driving an OCI
+// runtime CLI (runc, crun, runsc) through containerd's runc process library.
+// containerd connects to it directly at the address the sandbox controller
+// returned; no shim process exists.
+package task
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	apitask "github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/api/types/runc/options"
+	"github.com/containerd/cgroups/v3/cgroup1"
+	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2"
+	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/process"
+	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/runc"
+	cevents "github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/core/runtime"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	"github.com/containerd/containerd/v2/pkg/stdio"
+	"github.com/containerd/containerd/v2/pkg/sys/reaper"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	runcC "github.com/containerd/go-runc"
+	"github.com/containerd/ttrpc"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"go.uber.org/zap"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/kuasar-go/kuasar-go/shared/validate"
+)
+
+var empty = &emptypb.Empty{}
+
+// Sandbox is what the task service needs to know of a task's pod.
+type Sandbox struct {
+	// CgroupParent is the pod's cgroup; containers are placed below it.
+	// Empty leaves the cgroup path containerd chose.
+	CgroupParent string
+}
+
+// Sandboxes resolves the pod a task belongs to. It returns NotFound for an
+// unknown pod and FailedPrecondition for a pod that is not running.
+type Sandboxes interface {
+	TaskSandbox(id string) (Sandbox, error)
+}
+
+// Publisher sends task events to containerd.
+type Publisher interface {
+	PublishNamespace(ns, topic string, event cevents.Event) error
+}
+
+// RuntimeConfig is the OCI runtime the service drives when containerd's
+// runtime options do not name one.
+type RuntimeConfig struct {
+	// Binary is the runtime CLI: "runc" (default), "crun" or a path.
+	Binary string
+	// Root is the runtime's state directory (--root); required.
+	Root string
+	// SystemdCgroup makes the runtime use the systemd cgroup driver.
+	SystemdCgroup bool
+}
+
+// containerEntry is a container with the pod it belongs to and the state
+// of its exits.
+type containerEntry struct {
+	*runc.Container
+	sandboxID string
+	namespace string
+
+	runningExecs int
+	initExited   bool
+	// heldInitExit is the init's exit while execs still run: containerd must
+	// see the init exit last.
+	heldInitExit *runcC.Exit
+}
+
+type processRef struct {
+	c *containerEntry
+	p process.Process
+}
+
+// Service implements taskAPI.TTRPCTaskService.
+type Service struct {
+	sandboxes Sandboxes
+	publisher Publisher
+	runtime   RuntimeConfig
+	platform  stdio.Platform
+	log       *zap.Logger
+	ctx       context.Context
+	cancel    context.CancelFunc
+	exits     chan runcC.Exit
+	oom1      oomWatcher
+
+	mu         sync.Mutex
+	containers map[string]*containerEntry
+	running    map[int][]processRef
+	// starting collects exits while processes start, so that a process that
+	// exits before its PID is known is still reported.
+	starting map[*map[int][]runcC.Exit]struct{}
+}
+
+type oomWatcher interface {
+	Add(id string, cg interface{}) error
+	Run(ctx context.Context)
+	Close() error
+}
+
+// New returns a task service. The process must already be a child
+// subreaper reaping through containerd's reaper (see package reap).
+func New(sandboxes Sandboxes, publisher Publisher, rt RuntimeConfig, log *zap.Logger) (*Service, error) {
+	if rt.Binary == "" {
+		rt.Binary = "runc"
+	}
+	if rt.Root == "" {
+		return nil, fmt.Errorf("runtime root must be set: %w", errdefs.ErrInvalidArgument)
+	}
+	platform, err := runc.NewPlatform()
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Service{
+		sandboxes:  sandboxes,
+		publisher:  publisher,
+		runtime:    rt,
+		platform:   platform,
+		log:        log,
+		ctx:        ctx,
+		cancel:     cancel,
+		exits:      reaper.Default.Subscribe(),
+		containers: map[string]*containerEntry{},
+		running:    map[int][]processRef{},
+		starting:   map[*map[int][]runcC.Exit]struct{}{},
+	}
+	if w, err := newOOMv1Watcher(s); err == nil {
+		s.oom1 = w
+		go w.Run(ctx)
+	} else {
+		log.Debug("cgroup v1 OOM watching unavailable", zap.Error(err))
+	}
+	go s.processExits()
+	return s, nil
+}
+
+// Register adds the service to a ttrpc server.
+func (s *Service) Register(srv *ttrpc.Server) {
+	taskAPI.RegisterTTRPCTaskService(srv, s)
+}
+
+// Close stops exit and OOM processing; containers keep running.
+func (s *Service) Close() error {
+	s.cancel()
+	reaper.Default.Unsubscribe(s.exits)
+	if s.oom1 != nil {
+		s.oom1.Close()
+	}
+	return s.platform.Close()
+}
+
+func (s *Service) publish(ns, topic string, ev cevents.Event) {
+	if err := s.publisher.PublishNamespace(ns, topic, ev); err != nil {
+		s.log.Error("publish event", zap.String("topic", topic), zap.Error(err))
+	}
+}
+
+func (s *Service) getContainer(id string) (*containerEntry, error) {
+	if err := validate.ID("container", id); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.mu.Lock()
+	c, ok := s.containers[id]
+	s.mu.Unlock()
+	if !ok {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotFound, "container %s", id)
+	}
+	return c, nil
+}
+
+func validateExecID(execID string) error {
+	if execID == "" {
+		return nil
+	}
+	return errgrpc.ToGRPC(validate.ID("exec", execID))
+}
+
+// preStart registers a collector for exits that happen while a process
+// starts; handleStarted hands the process over to normal exit handling.
+func (s *Service) preStart() (handleStarted func(c *containerEntry, p process.Process), cleanup func()) {
+	exits := map[int][]runcC.Exit{}
+	s.mu.Lock()
+	s.starting[&exits] = struct{}{}
+	s.mu.Unlock()
+	done := false
+	handleStarted = func(c *containerEntry, p process.Process) {
+		s.mu.Lock()
+		delete(s.starting, &exits)
+		done = true
+		pid := 0
+		if p != nil {
+			pid = p.Pid()
+		}
+		early, exited := exits[pid]
+		if pid == 0 || !exited {
+			if pid != 0 {
+				s.running[pid] = append(s.running[pid], processRef{c: c, p: p})
+			}
+			s.mu.Unlock()
+			return
+		}
+		s.mu.Unlock()
+		for _, e := range early {
+			s.handleExit(e, processRef{c: c, p: p})
+		}
+	}
+	cleanup = func() {
+		s.mu.Lock()
+		if !done {
+			delete(s.starting, &exits)
+		}
+		s.mu.Unlock()
+	}
+	return handleStarted, cleanup
+}
+
+// Create creates a container (its init process) in a running pod.
+func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*taskAPI.CreateTaskResponse, error) {
+	if err := validate.ID("container", r.ID); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("%v: %w", err, errdefs.ErrInvalidArgument))
+	}
+	if r.Checkpoint != "" || r.ParentCheckpoint != "" {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "checkpoint restore is not supported")
+	}
+	sandboxID, spec, err := readBundle(r.Bundle)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	sb, err := s.sandboxes.TaskSandbox(sandboxID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
+	if err := placeCgroup(r.Bundle, r.ID, spec, sb.CgroupParent); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if r.Options, err = s.runtimeOptions(r.Options); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+
+	s.mu.Lock()
+	if _, ok := s.containers[r.ID]; ok {
+		s.mu.Unlock()
+		return nil, errgrpc.ToGRPCf(errdefs.ErrAlreadyExists, "container %s", r.ID)
+	}
+	// Reserve the ID while the runtime works.
+	s.containers[r.ID] = nil
+	s.mu.Unlock()
+
+	handleStarted, cleanup := s.preStart()
+	defer cleanup()
+	rc, err := runc.NewContainer(ctx, s.platform, r)
+	if err != nil {
+		s.mu.Lock()
+		delete(s.containers, r.ID)
+		s.mu.Unlock()
+		return nil, errgrpc.ToGRPC(fmt.Errorf("create container %s: %w", r.ID, err))
+	}
+	c := &containerEntry{Container: rc, sandboxID: sandboxID, namespace: ns}
+	s.mu.Lock()
+	s.containers[r.ID] = c
+	s.mu.Unlock()
+
+	s.publish(ns, runtime.TaskCreateEventTopic, &eventstypes.TaskCreate{
+		ContainerID: r.ID,
+		Bundle:      r.Bundle,
+		Rootfs:      r.Rootfs,
+		IO:          &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
+		Pid:         uint32(rc.Pid()),
+	})
+	s.watchOOM(ctx, c)
+	init, _ := rc.Process("")
+	handleStarted(c, init)
+	s.log.Debug("container created", zap.String("container", r.ID), zap.String("sandbox", sandboxID), zap.Int("pid", rc.Pid()))
+	return &taskAPI.CreateTaskResponse{Pid: uint32(rc.Pid())}, nil
+}
+
+// readBundle checks the bundle containerd prepared and returns the pod it
+// belongs to (containerd writes it to <bundle>/sandbox) and its OCI spec.
+func readBundle(bundle string) (string, *specs.Spec, error) {
+	if err := validate.AbsPath("bundle", bundle); err != nil {
+		return "", nil, err
+	}
+	data, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return "", nil, fmt.Errorf("bundle %s: %v: %w", bundle, err, errdefs.ErrInvalidArgument)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(data, &spec); err != nil {
+		return "", nil, fmt.Errorf("bundle %s: config.json: %v: %w", bundle, err, errdefs.ErrInvalidArgument)
+	}
+	if spec.Process == nil || spec.Root == nil {
+		return "", nil, fmt.Errorf("bundle %s: config.json has no process or root: %w", bundle, errdefs.ErrInvalidArgument)
+	}
+	id, err := os.ReadFile(filepath.Join(bundle, "sandbox"))
+	if err != nil {
+		return "", nil, fmt.Errorf("bundle %s names no sandbox (%v): %w", bundle, err, errdefs.ErrFailedPrecondition)
+	}
+	sandboxID := strings.TrimSpace(string(id))
+	if err := validate.ID("sandbox", sandboxID); err != nil {
+		return "", nil, err
+	}
+	return sandboxID, &spec, nil
+}
+
+// placeCgroup puts the container's cgroup below the pod's when containerd
+// chose a path outside it (a pod without a cgroup parent), so that the pod's
+// cgroup accounts for all of its containers.
+func placeCgroup(bundle, id string, spec *specs.Spec, parent string) error {
+	if parent == "" || spec.Linux == nil {
+		return nil
+	}
+	if strings.HasPrefix(spec.Linux.CgroupsPath, strings.TrimSuffix(parent, "/")+"/") {
+		return nil
+	}
+	spec.Linux.CgroupsPath = filepath.Join(parent, id)
+	data, err := json.Marshal(spec)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o600)
+}
+
+// runtimeOptions fills the runtime binary and root from the daemon config
+// where containerd's options leave them empty.
+func (s *Service) runtimeOptions(in *anypb.Any) (*anypb.Any, error) {
+	opts := &options.Options{}
+	if in.GetValue() != nil {
+		v, err := typeurl.UnmarshalAny(in)
+		if err != nil {
+			return nil, fmt.Errorf("runtime options: %v: %w", err, errdefs.ErrInvalidArgument)
+		}
+		o, ok := v.(*options.Options)
+		if !ok {
+			return nil, fmt.Errorf("runtime options of type %T: %w", v, errdefs.ErrInvalidArgument)
+		}
+		opts = o
+	}
+	if opts.BinaryName == "" {
+		opts.BinaryName = s.runtime.Binary
+	}
+	if opts.Root == "" {
+		opts.Root = s.runtime.Root
+	}
+	if s.runtime.SystemdCgroup {
+		opts.SystemdCgroup = true
+	}
+	return typeurl.MarshalAnyToProto(opts)
+}
+
+// Start starts a container's init or an exec'd process.
+func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := validateExecID(r.ExecID); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if r.ExecID != "" {
+		if c.initExited {
+			s.mu.Unlock()
+			return nil, errgrpc.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s init process is not running", c.ID)
+		}
+		c.runningExecs++
+	}
+	s.mu.Unlock()
+	handleStarted, cleanup := s.preStart()
+	defer cleanup()
+	p, err := c.Container.Start(ctx, r)
+	if err != nil {
+		if r.ExecID != "" {
+			s.execEnded(c)
+		}
+		handleStarted(c, nil)
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if r.ExecID == "" {
+		s.publish(c.namespace, runtime.TaskStartEventTopic, &eventstypes.TaskStart{ContainerID: c.ID, Pid: uint32(p.Pid())})
+	} else {
+		s.publish(c.namespace, runtime.TaskExecStartedEventTopic, &eventstypes.TaskExecStarted{ContainerID: c.ID, ExecID: r.ExecID, Pid: uint32(p.Pid())})
+	}
+	handleStarted(c, p)
+	return &taskAPI.StartResponse{Pid: uint32(p.Pid())}, nil
+}
+
+// Delete deletes an exited process; deleting the init removes the container
+// and unmounts its rootfs.
+func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := validateExecID(r.ExecID); err != nil {
+		return nil, err
+	}
+	p, err := c.Container.Delete(ctx, r)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if r.ExecID == "" {
+		s.mu.Lock()
+		delete(s.containers, r.ID)
+		s.mu.Unlock()
+		s.publish(c.namespace, runtime.TaskDeleteEventTopic, &eventstypes.TaskDelete{
+			ContainerID: c.ID,
+			Pid:         uint32(p.Pid()),
+			ExitStatus:  uint32(p.ExitStatus()),
+			ExitedAt:    protobuf.ToTimestamp(p.ExitedAt()),
+		})
+	}
+	return &taskAPI.DeleteResponse{
+		ExitStatus: uint32(p.ExitStatus()),
+		ExitedAt:   protobuf.ToTimestamp(p.ExitedAt()),
+		Pid:        uint32(p.Pid()),
+	}, nil
+}
+
+// Exec adds a process to a container; Start runs it.
+func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emptypb.Empty, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if r.ExecID == "" {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrInvalidArgument, "exec id must not be empty")
+	}
+	if err := validateExecID(r.ExecID); err != nil {
+		return nil, err
+	}
+	ok, cancel := c.ReserveProcess(r.ExecID)
+	if !ok {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrAlreadyExists, "exec %s in container %s", r.ExecID, r.ID)
+	}
+	p, err := c.Container.Exec(ctx, r)
+	if err != nil {
+		cancel()
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.publish(c.namespace, runtime.TaskExecAddedEventTopic, &eventstypes.TaskExecAdded{ContainerID: c.ID, ExecID: p.ID()})
+	return empty, nil
+}
+
+// ResizePty resizes a process's terminal.
+func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*emptypb.Empty, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Container.ResizePty(ctx, r); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return empty, nil
+}
+
+// State reports a process's status.
+func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	p, err := c.Process(r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	st, err := p.Status(ctx)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	status := apitask.Status_UNKNOWN
+	switch st {
+	case "created":
+		status = apitask.Status_CREATED
+	case "running":
+		status = apitask.Status_RUNNING
+	case "stopped":
+		status = apitask.Status_STOPPED
+	case "paused":
+		status = apitask.Status_PAUSED
+	case "pausing":
+		status = apitask.Status_PAUSING
+	}
+	sio := p.Stdio()
+	return &taskAPI.StateResponse{
+		ID:         p.ID(),
+		Bundle:     c.Bundle,
+		Pid:        uint32(p.Pid()),
+		Status:     status,
+		Stdin:      sio.Stdin,
+		Stdout:     sio.Stdout,
+		Stderr:     sio.Stderr,
+		Terminal:   sio.Terminal,
+		ExitStatus: uint32(p.ExitStatus()),
+		ExitedAt:   protobuf.ToTimestamp(p.ExitedAt()),
+	}, nil
+}
+
+// Pause freezes a container.
+func (s *Service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptypb.Empty, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Container.Pause(ctx); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.publish(c.namespace, runtime.TaskPausedEventTopic, &eventstypes.TaskPaused{ContainerID: c.ID})
+	return empty, nil
+}
+
+// Resume thaws a paused container.
+func (s *Service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptypb.Empty, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Container.Resume(ctx); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.publish(c.namespace, runtime.TaskResumedEventTopic, &eventstypes.TaskResumed{ContainerID: c.ID})
+	return empty, nil
+}
+
+// Checkpoint is not offered: the daemon has no CRIU integration.
+func (s *Service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskRequest) (*emptypb.Empty, error) {
+	return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "checkpoint is not supported")
+}
+
+// Kill signals a process (all processes of the container when r.All).
+func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Empty, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := validateExecID(r.ExecID); err != nil {
+		return nil, err
+	}
+	if err := c.Container.Kill(ctx, r); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return empty, nil
+}
+
+// Pids lists the container's processes.
+func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	p, err := c.Process("")
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	init, ok := p.(*process.Init)
+	if !ok {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "pids of %T", p)
+	}
+	pids, err := init.Runtime().Ps(ctx, c.ID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	execs := map[int]string{}
+	for _, e := range c.ExecdProcesses() {
+		execs[e.Pid()] = e.ID()
+	}
+	resp := &taskAPI.PidsResponse{}
+	for _, pid := range pids {
+		info := &apitask.ProcessInfo{Pid: uint32(pid)}
+		if execID, ok := execs[pid]; ok {
+			a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: execID})
+			if err != nil {
+				return nil, err
+			}
+			info.Info = a
+		}
+		resp.Processes = append(resp.Processes, info)
+	}
+	return resp, nil
+}
+
+// CloseIO closes a process's stdin.
+func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*emptypb.Empty, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Container.CloseIO(ctx, r); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return empty, nil
+}
+
+// Update changes a container's resources.
+func (s *Service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*emptypb.Empty, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Container.Update(ctx, r); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return empty, nil
+}
+
+// Wait blocks until a process has exited.
+func (s *Service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	p, err := c.Process(r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if err := p.Wait(ctx); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return &taskAPI.WaitResponse{ExitStatus: uint32(p.ExitStatus()), ExitedAt: protobuf.ToTimestamp(p.ExitedAt())}, nil
+}
+
+// Stats reports the container's cgroup statistics.
+func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	var stats any
+	switch cg := c.Cgroup().(type) {
+	case cgroup1.Cgroup:
+		if stats, err = cg.Stat(cgroup1.IgnoreNotExist); err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+	case *cgroupsv2.Manager:
+		if stats, err = cg.Stat(); err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+	case nil:
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotFound, "container %s has no cgroup", c.ID)
+	default:
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "cgroup of type %T", cg)
+	}
+	a, err := typeurl.MarshalAnyToProto(stats)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return &taskAPI.StatsResponse{Stats: a}, nil
+}
+
+// Connect reports the daemon's PID in place of a shim's.
+func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
+	resp := &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid())}
+	if c, err := s.getContainer(r.ID); err == nil {
+		resp.TaskPid = uint32(c.Pid())
+	}
+	return resp, nil
+}
+
+// Shutdown is a no-op: the daemon outlives every task it serves.
+func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptypb.Empty, error) {
+	return empty, nil
+}
+
+// Containers returns the IDs of the containers of sandbox sandboxID.
+func (s *Service) Containers(sandboxID string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ids []string
+	for id, c := range s.containers {
+		if c != nil && c.sandboxID == sandboxID {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// processExits matches reaped children to the processes they were.
+func (s *Service) processExits() {
+	for e := range s.exits {
+		s.mu.Lock()
+		for exits := range s.starting {
+			(*exits)[e.Pid] = append((*exits)[e.Pid], e)
+		}
+		refs := s.running[e.Pid]
+		delete(s.running, e.Pid)
+		s.mu.Unlock()
+		for _, ref := range refs {
+			s.handleExit(e, ref)
+		}
+	}
+}
+
+func (s *Service) handleExit(e runcC.Exit, ref processRef) {
+	init, isInit := ref.p.(*process.Init)
+	if !isInit {
+		s.publishExit(e, ref)
+		s.execEnded(ref.c)
+		return
+	}
+	// The init is the last of a container's exits containerd may see: kill
+	// what else runs in its PID namespace and hold the exit until the
+	// container's execs have ended.
+	if runc.ShouldKillAllOnExit(s.ctx, ref.c.Bundle) {
+		if err := init.KillAll(s.ctx); err != nil {
+			s.log.Warn("kill container processes after init exit", zap.String("container", ref.c.ID), zap.Error(err))
+		}
+	}
+	s.mu.Lock()
+	ref.c.initExited = true
+	if ref.c.runningExecs > 0 {
+		ref.c.heldInitExit = &e
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
+	s.publishExit(e, ref)
+}
+
+// execEnded counts down running execs and releases a held init exit.
+func (s *Service) execEnded(c *containerEntry) {
+	s.mu.Lock()
+	c.runningExecs--
+	var held *runcC.Exit
+	if c.runningExecs == 0 {
+		held, c.heldInitExit = c.heldInitExit, nil
+	}
+	s.mu.Unlock()
+	if held != nil {
+		init, _ := c.Process("")
+		s.publishExit(*held, processRef{c: c, p: init})
+	}
+}
+
+func (s *Service) publishExit(e runcC.Exit, ref processRef) {
+	ref.p.SetExited(e.Status)
+	s.publish(ref.c.namespace, runtime.TaskExitEventTopic, &eventstypes.TaskExit{
+		ContainerID: ref.c.ID,
+		ID:          ref.p.ID(),
+		Pid:         uint32(e.Pid),
+		ExitStatus:  uint32(e.Status),
+		ExitedAt:    protobuf.ToTimestamp(ref.p.ExitedAt()),
+	})
+}
