@@ -34,7 +34,7 @@ type state struct {
 	PodCgroup string `json:"pod_cgroup,omitempty"`
 	// OwnPodCgroup is set when the sandboxer created PodCgroup and so
 	// removes it at Shutdown.
-	OwnPodCgroup bool `json:"own_pod_cgroup,omitempty"`
+	OwnPodCgroup bool        `json:"own_pod_cgroup,omitempty"`
 	Spec         holder.Spec `json:"holder_spec"`
 }
 

@@ -4,9 +4,9 @@ import (
 	"context"
 	"fmt"
 
-	eventstypes "github.com/containerd/containerd/api/events"
 	"github.com/containerd/cgroups/v3/cgroup1"
 	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2"
+	eventstypes "github.com/containerd/containerd/api/events"
 	cevents "github.com/containerd/containerd/v2/core/events"
 	"github.com/containerd/containerd/v2/core/runtime"
 	oomv1 "github.com/containerd/containerd/v2/pkg/oom/v1"
