@@ -87,7 +87,7 @@ func holderSpec(sb *store.Sandbox, cfg *runtimeapi.PodSandboxConfig) (holder.Spe
 	if hostNet && sb.NetnsPath != "" {
 		return holder.Spec{}, fmt.Errorf("pod asks for the node's network but carries netns %s: %w", sb.NetnsPath, errdefs.ErrInvalidArgument)
 	}
-	if ns.GetUsernsOptions().GetMode() == runtimeapi.NamespaceMode_POD {
+	if ns.GetUsernsOptions() != nil && ns.GetUsernsOptions().GetMode() == runtimeapi.NamespaceMode_POD {
 		return holder.Spec{}, fmt.Errorf("user namespaces per pod are not supported: %w", errdefs.ErrNotImplemented)
 	}
 	return holder.Spec{
