@@ -10,7 +10,21 @@ LDFLAGS  := -s -w -X github.com/kuasar-go/kuasar-go/shared/version.Version=$(VER
 SANDBOXERS := runc wasm vmm quark
 MODULES    := proto shared runc-sandboxer wasm-sandboxer vmm-sandboxer quark-sandboxer
 
-.PHONY: all build tools test unit e2e demo install uninstall clean
+SANDBOXER  ?= runc
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+# Packages of every module, for go test and go vet from the workspace root.
+PKGS       := $(foreach m,$(MODULES),./$(m)/...)
+GOTESTSUM  := $(shell command -v gotestsum 2>/dev/null || ls $(HOME)/go/bin/gotestsum 2>/dev/null)
+# One PASS/FAIL/SKIP line per test in CI logs.
+ifneq ($(GOTESTSUM),)
+GOTEST := $(GOTESTSUM) --format testname --
+else
+GOTEST := $(GO) test -v
+endif
+TESTFLAGS ?= -race -count=1 -timeout 25m
+
+.PHONY: all build tools test vet demo install uninstall clean
 
 all: build
 
@@ -24,6 +38,22 @@ build:
 # containerd-shim-runc-v2, CNI plugins), built from the Go module proxy.
 tools:
 	bash hack/build-tools.sh $(OUT)
+
+vet:
+	$(GO) vet $(PKGS)
+
+# Everything: unit tests and, as root, the end-to-end tests through
+# containerd and CRI (they skip with a message when not root).
+test: build tools vet
+	KUASAR_GO_OUTPUT=$(OUT) $(GOTEST) $(TESTFLAGS) $(PKGS)
+
+# No dependency on build, so `sudo make install` doesn't compile as root;
+# install.sh fails clearly if _output/bin/<name>-sandboxer is missing.
+install:
+	bash hack/install.sh --prefix '$(PREFIX)' --destdir '$(DESTDIR)' --output '$(OUT)' $(SANDBOXER)
+
+uninstall:
+	bash hack/install.sh --uninstall --prefix '$(PREFIX)' --destdir '$(DESTDIR)' $(SANDBOXER)
 
 clean:
 	rm -rf $(OUT)
