@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/containerd/cgroups/v3"
@@ -82,8 +83,18 @@ func (g *Group) Delete() error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("delete cgroup %s: %w", g.path, err)
 	}
+	// On hybrid hosts runc also creates the path in the unified hierarchy
+	// (for systemd's process tracking), which the v1 manager does not know.
+	if cgroups.Mode() == cgroups.Hybrid {
+		if err := os.Remove(filepath.Join(unifiedMountpoint, g.path)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("delete cgroup %s in the unified hierarchy: %w", g.path, err)
+		}
+	}
 	return nil
 }
+
+// unifiedMountpoint is where hybrid hosts mount the v2 hierarchy.
+const unifiedMountpoint = "/sys/fs/cgroup/unified"
 
 // Metric returns the cgroup's statistics (including its children's) in
 // the form containerd's CRI decodes.

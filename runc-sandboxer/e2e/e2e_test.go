@@ -1,0 +1,215 @@
+// Package e2e drives runc-sandboxer through stock containerd 2.2 and CRI.
+package e2e
+
+import (
+	"net"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-go/kuasar-go/shared/cgroup"
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
+)
+
+const handler = "kuasar-runc"
+
+func startEnv(t *testing.T) *testenv.Env {
+	t.Helper()
+	testenv.RequireRoot(t)
+	bin := testenv.Binary("runc-sandboxer")
+	testenv.RequireFiles(t, bin)
+	return testenv.Start(t, testenv.Options{Sandboxers: []testenv.Sandboxer{{Name: handler, Binary: bin}}})
+}
+
+// nsOf returns the namespace link of a process inside a container.
+func nsOf(t *testing.T, env *testenv.Env, ctr, ns string) string {
+	t.Helper()
+	out, stderr, code := env.ExecSync(t, ctr, 10*time.Second, "readlink", "/proc/self/ns/"+ns)
+	if code != 0 {
+		t.Fatalf("readlink ns/%s in %s: %d %s", ns, ctr, code, stderr)
+	}
+	return strings.TrimSpace(out)
+}
+
+// TestE2ERuncPodLifecycle runs a pod through CRI with runc-sandboxer: IP from
+// CNI, a container whose log is read, exec, exit codes, two containers
+// sharing the pod's namespaces, one with its own PID namespace, stop and
+// removal, and nothing left behind.
+func TestE2ERuncPodLifecycle(t *testing.T) {
+	env := startEnv(t)
+	before := env.Snapshot()
+
+	t0 := time.Now()
+	podCfg := env.PodConfig()
+	podCfg.Hostname = "kuasar-e2e-pod"
+	podID := env.RunPod(t, handler, podCfg)
+	tPod := time.Since(t0)
+
+	main := testenv.ContainerConfig("main", "sh", "-c", "echo hello-from-kuasar-runc; hostname; echo to-stderr >&2; exec sleep 3600")
+	mainID := env.CreateStartContainer(t, podID, podCfg, main)
+	log := env.WaitLog(t, podCfg, main, "hello-from-kuasar-runc", 20*time.Second)
+	tFirstLog := time.Since(t0)
+	if !strings.Contains(env.WaitLog(t, podCfg, main, "to-stderr", 5*time.Second), "kuasar-e2e-pod\n") {
+		t.Errorf("container does not see the pod's hostname; log %q", log)
+	}
+
+	ip := env.PodIP(t, podID)
+	_, subnet, _ := net.ParseCIDR(env.Subnet)
+	if !subnet.Contains(net.ParseIP(ip)) {
+		t.Errorf("pod IP %q not in %s", ip, env.Subnet)
+	}
+	if out, _, code := env.ExecSync(t, mainID, 10*time.Second, "ip", "-o", "-4", "addr", "show", "eth0"); code != 0 || !strings.Contains(out, ip+"/") {
+		t.Errorf("eth0 in the container does not carry %s: %q (%d)", ip, out, code)
+	}
+	if out, _, code := env.ExecSync(t, mainID, 10*time.Second, "ping", "-c", "1", "-W", "2", env.Gateway); code != 0 {
+		t.Errorf("ping gateway %s: %d %s", env.Gateway, code, out)
+	}
+
+	out, _, code := env.ExecSync(t, mainID, 10*time.Second, "sh", "-c", "echo exec-ok; exit 3")
+	if out != "exec-ok\n" || code != 3 {
+		t.Errorf("ExecSync: %q, exit %d; want exec-ok, 3", out, code)
+	}
+
+	// A second container shares the pod's PID, IPC, UTS and network namespaces.
+	peer := testenv.ContainerConfig("peer", "sleep", "3600")
+	peerID := env.CreateStartContainer(t, podID, podCfg, peer)
+	for _, ns := range []string{"pid", "ipc", "uts", "net"} {
+		if a, b := nsOf(t, env, mainID, ns), nsOf(t, env, peerID, ns); a != b {
+			t.Errorf("%s namespace differs between containers of one pod: %s vs %s", ns, a, b)
+		}
+	}
+	// In the shared PID namespace the holder is PID 1 and the peer sees
+	// main's sleep.
+	if out, _, _ := env.ExecSync(t, peerID, 10*time.Second, "ps", "-o", "pid,args"); !strings.Contains(out, "sleep 3600") || strings.Count(out, "sleep 3600") < 2 {
+		t.Errorf("peer does not see main's processes:\n%s", out)
+	}
+	if out, _, _ := env.ExecSync(t, peerID, 10*time.Second, "cat", "/proc/1/cmdline"); !strings.Contains(out, "kuasar-holder") {
+		t.Errorf("PID 1 of the pod is %q, want the holder", out)
+	}
+
+	// A container asking for its own PID namespace gets one, in the same network.
+	private := testenv.ContainerConfig("private-pid", "sleep", "3600")
+	private.Linux = &runtime.LinuxContainerConfig{SecurityContext: &runtime.LinuxContainerSecurityContext{
+		NamespaceOptions: &runtime.NamespaceOption{Pid: runtime.NamespaceMode_CONTAINER},
+	}}
+	privateID := env.CreateStartContainer(t, podID, podCfg, private)
+	if a, b := nsOf(t, env, mainID, "pid"), nsOf(t, env, privateID, "pid"); a == b {
+		t.Errorf("container with NamespaceMode_CONTAINER shares the pod's PID namespace %s", a)
+	}
+	if a, b := nsOf(t, env, mainID, "net"), nsOf(t, env, privateID, "net"); a != b {
+		t.Errorf("private-pid container left the pod's network: %s vs %s", a, b)
+	}
+
+	// Exit codes pass through.
+	exiter := testenv.ContainerConfig("exiter", "sh", "-c", "exit 7")
+	exiterID := env.CreateStartContainer(t, podID, podCfg, exiter)
+	if code := env.WaitContainerExited(t, exiterID, 20*time.Second); code != 7 {
+		t.Errorf("exit code %d, want 7", code)
+	}
+
+	// No shim process of this containerd and no pause container serve the pod.
+	if shims := shimsOf(env.Address); len(shims) != 0 {
+		t.Errorf("shim processes run for this containerd: %v", shims)
+	}
+	if ctrs, err := env.Ctr("-n", "k8s.io", "containers", "ls", "-q"); err != nil {
+		t.Errorf("ctr containers ls: %v", err)
+	} else if strings.Contains(ctrs, podID) {
+		t.Errorf("containerd holds a container for the pod itself (a pause container): %q", ctrs)
+	}
+
+	// Stop and remove one container through CRI, then the pod.
+	ctx := t.Context()
+	if _, err := env.Runtime.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: mainID, Timeout: 2}); err != nil {
+		t.Fatalf("StopContainer: %v", err)
+	}
+	st := env.ContainerStatus(t, mainID)
+	if st.State != runtime.ContainerState_CONTAINER_EXITED {
+		t.Errorf("main after StopContainer: %v", st.State)
+	}
+	if _, err := env.Runtime.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: mainID}); err != nil {
+		t.Fatalf("RemoveContainer: %v", err)
+	}
+	tStop := time.Now()
+	env.StopRemovePod(t, podID)
+	tRemove := time.Since(tStop)
+	env.AssertNoLeaks(t, before, 15*time.Second)
+	t.Logf("RunPodSandbox %v; pod + container to first log line %v; stop+remove pod %v",
+		tPod.Round(time.Millisecond), tFirstLog.Round(time.Millisecond), tRemove.Round(time.Millisecond))
+}
+
+// TestE2ERuncPodStatsAndStatus checks what CRI reports of a running pod
+// placed in a cgroup parent as kubelet does: ready state, the pod's stats
+// (CRI reads the parent cgroup, which holds the holder and the containers)
+// and the container's stats.
+func TestE2ERuncPodStatsAndStatus(t *testing.T) {
+	env := startEnv(t)
+	before := env.Snapshot()
+	podCfg := env.PodConfig()
+	parent := "/kuasar-go-e2e/pod" + podCfg.Metadata.Uid
+	podCfg.Linux.CgroupParent = parent
+	podID := env.RunPod(t, handler, podCfg)
+	ctr := testenv.ContainerConfig("worker", "sh", "-c", "dd if=/dev/zero of=/dev/null bs=1M count=64; exec sleep 3600")
+	ctrID := env.CreateStartContainer(t, podID, podCfg, ctr)
+	if out, _, _ := env.ExecSync(t, ctrID, 10*time.Second, "cat", "/proc/self/cgroup"); !strings.Contains(out, parent+"/") {
+		t.Errorf("container is not below the pod's cgroup parent %s:\n%s", parent, out)
+	}
+
+	if st := env.PodStatus(t, podID); st.State != runtime.PodSandboxState_SANDBOX_READY {
+		t.Errorf("pod state %v, want READY", st.State)
+	}
+	ctx := t.Context()
+	stats, err := env.Runtime.ContainerStats(ctx, &runtime.ContainerStatsRequest{ContainerId: ctrID})
+	if err != nil {
+		t.Fatalf("ContainerStats: %v", err)
+	}
+	if stats.GetStats().GetMemory().GetWorkingSetBytes().GetValue() == 0 && stats.GetStats().GetCpu().GetUsageCoreNanoSeconds().GetValue() == 0 {
+		t.Errorf("container stats are empty: %+v", stats.GetStats())
+	}
+	pstats, err := env.Runtime.PodSandboxStats(ctx, &runtime.PodSandboxStatsRequest{PodSandboxId: podID})
+	if err != nil {
+		t.Fatalf("PodSandboxStats: %v", err)
+	}
+	if pstats.GetStats().GetLinux().GetCpu().GetUsageCoreNanoSeconds().GetValue() == 0 {
+		t.Errorf("pod CPU usage is zero: %+v", pstats.GetStats().GetLinux())
+	}
+
+	env.StopRemovePod(t, podID)
+	if st, err := env.Runtime.PodSandboxStatus(ctx, &runtime.PodSandboxStatusRequest{PodSandboxId: podID}); err == nil {
+		t.Errorf("removed pod still has a status: %v", st)
+	}
+	// The parent belongs to kubelet, which removes it after the pod; the
+	// sandboxer must have removed everything below it.
+	for _, p := range []string{parent, path.Dir(parent)} {
+		g, err := cgroup.Load(p)
+		if err != nil {
+			t.Fatalf("load %s: %v", p, err)
+		}
+		if err := g.Delete(); err != nil {
+			t.Errorf("cgroup parent %s is not empty after RemovePodSandbox: %v", p, err)
+		}
+	}
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
+
+// shimsOf lists containerd shim processes started for the containerd at
+// address (shims carry it in their command line).
+func shimsOf(address string) []string {
+	var found []string
+	files, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range files {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		if strings.Contains(args[0], "containerd-shim") && strings.Contains(string(b), address) {
+			found = append(found, filepath.Base(filepath.Dir(p))+":"+args[0])
+		}
+	}
+	return found
+}
