@@ -1,0 +1,52 @@
+package testenv
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestSnapshotDiff(t *testing.T) {
+	dir := t.TempDir()
+	before := Snapshot(dir)
+	if d := before.Diff(Snapshot(dir)); len(d) != 0 {
+		t.Fatalf("diff of nothing: %v", d)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "leak"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A process naming the tracked directory counts as ours.
+	cmd := exec.Command("/bin/sh", "-c", "sleep 30 # "+dir)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	time.Sleep(100 * time.Millisecond)
+	d := strings.Join(before.Diff(Snapshot(dir)), "\n")
+	if !strings.Contains(d, "file: "+filepath.Join(dir, "leak")) {
+		t.Errorf("file leak not reported:\n%s", d)
+	}
+	if !strings.Contains(d, "process: ") || !strings.Contains(d, dir) {
+		t.Errorf("process leak not reported:\n%s", d)
+	}
+}
+
+func TestParseCRILog(t *testing.T) {
+	in := "2024-01-02T03:04:05.123456789Z stdout P hel\n" +
+		"2024-01-02T03:04:05.123456790Z stdout F lo\n" +
+		"2024-01-02T03:04:05.2Z stderr F err msg\n" +
+		"2024-01-02T03:04:05.3Z stdout F \n"
+	lines, err := ParseCRILog([]byte(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := LogText(lines, ""); got != "hello\nerr msg\n\n" {
+		t.Errorf("all = %q", got)
+	}
+	if got := LogText(lines, "stderr"); got != "err msg\n" {
+		t.Errorf("stderr = %q", got)
+	}
+}
