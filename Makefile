@@ -24,7 +24,7 @@ GOTEST := $(GO) test -v
 endif
 TESTFLAGS ?= -race -count=1 -timeout 25m
 
-.PHONY: all build tools test vet demo install uninstall clean
+.PHONY: all deps build tools test vet demo install uninstall clean
 
 all: build
 
@@ -33,6 +33,10 @@ build:
 	@for s in $(SANDBOXERS); do \
 		CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/$$s-sandboxer ./$$s-sandboxer/cmd/$$s-sandboxer || exit 1; \
 	done
+
+# Debian packages and pinned Go tools (installs only what is missing).
+deps:
+	bash hack/deps.sh
 
 # Pinned third-party binaries the tests and the demo need (containerd, ctr,
 # containerd-shim-runc-v2, CNI plugins), built from the Go module proxy.
@@ -44,7 +48,7 @@ vet:
 
 # Everything: unit tests and, as root, the end-to-end tests through
 # containerd and CRI (they skip with a message when not root).
-test: build tools vet
+test: deps build tools vet
 	KUASAR_GO_OUTPUT=$(OUT) $(GOTEST) $(TESTFLAGS) $(PKGS)
 
 # No dependency on build, so `sudo make install` doesn't compile as root;
