@@ -28,7 +28,7 @@ type Snap struct {
 	NetNS     map[string]bool // files under /run/netns, /var/run/netns and <dir>/**/netns
 	Links     map[string]bool // "name" or "name master BR"
 	Cgroups   map[string]bool // cgroup v1/v2 directories that look like pods/containers
-	Files     map[string]bool // files and directories under the tracked dirs
+	Files     map[string]bool // files, and directories named after an id, under the tracked dirs
 
 	fileDirs  []string          // list files under these
 	ownDirs   []string          // a process naming one of these is ours
@@ -68,7 +68,10 @@ func snapshot(s *Snap) *Snap {
 			if err != nil {
 				return nil
 			}
-			if p != d {
+			// Directories count only when named after a pod or container:
+			// infrastructure a daemon makes lazily (a runc root, a
+			// namespace directory) is not a leak, a per-pod one is.
+			if p != d && (!de.IsDir() || hex64Any.MatchString(de.Name())) {
 				s.Files[p] = true
 			}
 			return nil

@@ -18,6 +18,12 @@ func TestSnapshotDiff(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "leak"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	id := strings.Repeat("ab", 32)
+	for _, d := range []string{"infra/k8s.io", "infra/k8s.io/" + id} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// A process naming the tracked directory counts as ours.
 	cmd := exec.Command("/bin/sh", "-c", "sleep 30 # "+dir)
 	if err := cmd.Start(); err != nil {
@@ -28,6 +34,9 @@ func TestSnapshotDiff(t *testing.T) {
 	d := strings.Join(before.Diff(Snapshot(dir)), "\n")
 	if !strings.Contains(d, "file: "+filepath.Join(dir, "leak")) {
 		t.Errorf("file leak not reported:\n%s", d)
+	}
+	if !strings.Contains(d, "file: "+filepath.Join(dir, "infra/k8s.io", id)) || strings.Contains(d, "infra/k8s.io\n") {
+		t.Errorf("directories: want the id-named one only:\n%s", d)
 	}
 	if !strings.Contains(d, "process: ") || !strings.Contains(d, dir) {
 		t.Errorf("process leak not reported:\n%s", d)
