@@ -8,7 +8,7 @@ REVISION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS  := -s -w -X github.com/kuasar-go/kuasar-go/shared/version.Version=$(VERSION) \
             -X github.com/kuasar-go/kuasar-go/shared/version.Revision=$(REVISION)
 SANDBOXERS := runc wasm vmm quark
-MODULES    := proto shared runc-sandboxer wasm-sandboxer vmm-sandboxer quark-sandboxer
+MODULES    := hack proto shared runc-sandboxer wasm-sandboxer vmm-sandboxer quark-sandboxer
 
 SANDBOXER  ?= runc
 PREFIX     ?= /usr/local
@@ -42,6 +42,11 @@ deps:
 # containerd-shim-runc-v2, CNI plugins), built from the Go module proxy.
 tools:
 	bash hack/build-tools.sh $(OUT)
+
+# The main job: containerd + runc-sandboxer in a temporary directory, one
+# pod with a container through CRI, its output and IP, then teardown.
+demo: deps build tools
+	KUASAR_GO_OUTPUT=$(OUT) $(GO) run ./hack/demo
 
 vet:
 	$(GO) vet $(PKGS)
