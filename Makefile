@@ -3,7 +3,7 @@ SHELL := /bin/bash
 OUT   ?= $(CURDIR)/_output
 BIN   := $(OUT)/bin
 GO    ?= go
-VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.1.0-dev)
+VERSION  ?= $(shell git describe --tags --dirty 2>/dev/null || echo v0.1.0-dev)
 REVISION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS  := -s -w -X github.com/kuasar-go/kuasar-go/shared/version.Version=$(VERSION) \
             -X github.com/kuasar-go/kuasar-go/shared/version.Revision=$(REVISION)

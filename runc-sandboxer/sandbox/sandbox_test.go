@@ -5,7 +5,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -33,6 +32,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/task"
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
 )
 
 // The test binary doubles as the holder, as the daemon binary does.
@@ -120,30 +120,6 @@ func newRig(t *testing.T) *rig {
 	tcl := ttrpc.NewClient(tc)
 	t.Cleanup(func() { tcl.Close() })
 	return &rig{dir: dir, ctrl: sandboxapi.NewControllerClient(conn), tasks: taskAPI.NewTTRPCTaskClient(tcl)}
-}
-
-// newNetns makes a network namespace bound to a file, as CRI does.
-func newNetns(t *testing.T) string {
-	t.Helper()
-	p := filepath.Join(t.TempDir(), "netns")
-	if err := os.WriteFile(p, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	errc := make(chan error, 1)
-	go func() {
-		// This thread is left locked and so discarded: it is in the new netns.
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- err
-			return
-		}
-		errc <- unix.Mount("/proc/thread-self/ns/net", p, "", unix.MS_BIND, "")
-	}()
-	if err := <-errc; err != nil {
-		t.Fatalf("make netns: %v", err)
-	}
-	t.Cleanup(func() { unix.Unmount(p, unix.MNT_DETACH) })
-	return p
 }
 
 func podOptions(t *testing.T, cfg *runtimeapi.PodSandboxConfig) *anypb.Any {
@@ -246,7 +222,7 @@ func TestControllerRejectsBadNetns(t *testing.T) {
 func TestControllerLifecycle(t *testing.T) {
 	r := newRig(t)
 	ctx := context.Background()
-	netns := newNetns(t)
+	netns := testenv.NewNetns(t)
 	const id = "lifecycle-pod"
 	cfg := &runtimeapi.PodSandboxConfig{Hostname: "kuasar-unit"}
 	create := &sandboxapi.ControllerCreateRequest{SandboxID: id, NetnsPath: netns, Options: podOptions(t, cfg)}
