@@ -213,3 +213,63 @@ func shimsOf(address string) []string {
 	}
 	return found
 }
+
+// TestE2ERuncTerminalAndOOM: a container with a terminal (console socket)
+// logs through it, and a container killed by its memory limit is reported
+// OOMKilled (a TaskOOM event reached containerd).
+func TestE2ERuncTerminalAndOOM(t *testing.T) {
+	env := startEnv(t)
+	before := env.Snapshot()
+	podCfg := env.PodConfig()
+	podID := env.RunPod(t, handler, podCfg)
+
+	tty := testenv.ContainerConfig("tty", "sh", "-c", "test -t 1 && echo stdout-is-a-terminal; exec sleep 3600")
+	tty.Tty = true
+	ttyID := env.CreateStartContainer(t, podID, podCfg, tty)
+	env.WaitLog(t, podCfg, tty, "stdout-is-a-terminal", 20*time.Second)
+	if out, _, code := env.ExecSync(t, ttyID, 10*time.Second, "echo", "exec-in-tty-container"); code != 0 || out != "exec-in-tty-container\n" {
+		t.Errorf("exec: %q (%d)", out, code)
+	}
+
+	hog := testenv.ContainerConfig("hog", "sh", "-c", "echo allocating; exec dd if=/dev/zero of=/dev/null bs=96M count=1")
+	hog.Linux = &runtime.LinuxContainerConfig{Resources: &runtime.LinuxContainerResources{MemoryLimitInBytes: 32 << 20}}
+	hogID := env.CreateStartContainer(t, podID, podCfg, hog)
+	if code := env.WaitContainerExited(t, hogID, 30*time.Second); code != 137 {
+		t.Errorf("memory hog exit code %d, want 137 (SIGKILL by the OOM killer); log %q", code, env.ReadLog(t, podCfg, hog))
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for env.ContainerStatus(t, hogID).Reason != "OOMKilled" && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if st := env.ContainerStatus(t, hogID); st.Reason != "OOMKilled" {
+		t.Errorf("memory hog reason %q, want OOMKilled", st.Reason)
+	}
+
+	env.StopRemovePod(t, podID)
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
+
+// TestE2ERuncHostNetworkPod: a pod that asks for the node's network gets no
+// netns of its own, still a private PID namespace.
+func TestE2ERuncHostNetworkPod(t *testing.T) {
+	env := startEnv(t)
+	before := env.Snapshot()
+	podCfg := env.PodConfig()
+	podCfg.Linux.SecurityContext.NamespaceOptions.Network = runtime.NamespaceMode_NODE
+	podID := env.RunPod(t, handler, podCfg)
+	ctr := testenv.ContainerConfig("hostnet", "sleep", "3600")
+	ctrID := env.CreateStartContainer(t, podID, podCfg, ctr)
+	hostNet, err := os.Readlink("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := nsOf(t, env, ctrID, "net"); got != hostNet {
+		t.Errorf("host-network pod in %s, want the node's %s", got, hostNet)
+	}
+	hostPID, _ := os.Readlink("/proc/self/ns/pid")
+	if got := nsOf(t, env, ctrID, "pid"); got == hostPID {
+		t.Errorf("host-network pod shares the node's PID namespace")
+	}
+	env.StopRemovePod(t, podID)
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
