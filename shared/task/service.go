@@ -180,9 +180,10 @@ func (s *Service) getContainer(id string) (*containerEntry, error) {
 		return nil, errgrpc.ToGRPC(err)
 	}
 	s.mu.Lock()
-	c, ok := s.containers[id]
+	c := s.containers[id]
 	s.mu.Unlock()
-	if !ok {
+	// A nil entry is a container whose Create is still running.
+	if c == nil {
 		return nil, errgrpc.ToGRPCf(errdefs.ErrNotFound, "container %s", id)
 	}
 	return c, nil
