@@ -6,6 +6,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -269,6 +270,59 @@ func TestE2ERuncHostNetworkPod(t *testing.T) {
 	hostPID, _ := os.Readlink("/proc/self/ns/pid")
 	if got := nsOf(t, env, ctrID, "pid"); got == hostPID {
 		t.Errorf("host-network pod shares the node's PID namespace")
+	}
+	env.StopRemovePod(t, podID)
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
+
+// TestE2ERuncTaskOperations drives the task API operations CRI uses rarely
+// or not at all, through containerd: UpdateContainerResources, and with ctr
+// (containerd's own client) ps, pause, resume and kill.
+func TestE2ERuncTaskOperations(t *testing.T) {
+	env := startEnv(t)
+	before := env.Snapshot()
+	podCfg := env.PodConfig()
+	podID := env.RunPod(t, handler, podCfg)
+	ctr := testenv.ContainerConfig("ops", "sleep", "3600")
+	ctrID := env.CreateStartContainer(t, podID, podCfg, ctr)
+	ctx := t.Context()
+
+	const limit = 48 << 20
+	if _, err := env.Runtime.UpdateContainerResources(ctx, &runtime.UpdateContainerResourcesRequest{
+		ContainerId: ctrID,
+		Linux:       &runtime.LinuxContainerResources{MemoryLimitInBytes: limit},
+	}); err != nil {
+		t.Fatalf("UpdateContainerResources: %v", err)
+	}
+	limitFile := "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+	if _, err := os.Stat("/sys/fs/cgroup/memory"); err != nil {
+		limitFile = "/sys/fs/cgroup/memory.max" // unified hierarchy
+	}
+	if out, _, _ := env.ExecSync(t, ctrID, 10*time.Second, "cat", limitFile); strings.TrimSpace(out) != "50331648" {
+		t.Errorf("memory limit inside the container %q, want %d", out, limit)
+	}
+
+	ps, err := env.Ctr("-n", "k8s.io", "tasks", "ps", ctrID)
+	if err != nil || !regexp.MustCompile(`(?m)^PID\s.*\n\d+\s`).MatchString(ps) {
+		t.Errorf("ctr tasks ps lists no process: %q, %v", ps, err)
+	}
+	if _, err := env.Ctr("-n", "k8s.io", "tasks", "pause", ctrID); err != nil {
+		t.Fatalf("pause: %v", err)
+	}
+	if ls, _ := env.Ctr("-n", "k8s.io", "tasks", "ls"); !regexp.MustCompile(ctrID + `\s+\d+\s+PAUSED`).MatchString(ls) {
+		t.Errorf("after pause, tasks ls:\n%s", ls)
+	}
+	if _, err := env.Ctr("-n", "k8s.io", "tasks", "resume", ctrID); err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	if ls, _ := env.Ctr("-n", "k8s.io", "tasks", "ls"); !regexp.MustCompile(ctrID + `\s+\d+\s+RUNNING`).MatchString(ls) {
+		t.Errorf("after resume, tasks ls:\n%s", ls)
+	}
+	if _, err := env.Ctr("-n", "k8s.io", "tasks", "kill", "--signal", "SIGKILL", ctrID); err != nil {
+		t.Fatalf("kill: %v", err)
+	}
+	if code := env.WaitContainerExited(t, ctrID, 20*time.Second); code != 137 {
+		t.Errorf("exit code after SIGKILL %d, want 137", code)
 	}
 	env.StopRemovePod(t, podID)
 	env.AssertNoLeaks(t, before, 15*time.Second)
