@@ -466,27 +466,44 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emp
 	return empty, nil
 }
 
-// ResizePty resizes a process's terminal.
-func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*emptypb.Empty, error) {
-	c, err := s.getContainer(r.ID)
+// onContainer runs op on the container named id, mapping its error to gRPC.
+func (s *Service) onContainer(id string, op func(c *containerEntry) error) (*emptypb.Empty, error) {
+	c, err := s.getContainer(id)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.Container.ResizePty(ctx, r); err != nil {
+	if err := op(c); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
 	return empty, nil
 }
 
+// getProcess returns a container's init (execID "") or exec'd process.
+func (s *Service) getProcess(id, execID string) (*containerEntry, process.Process, error) {
+	c, err := s.getContainer(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := validateExecID(execID); err != nil {
+		return nil, nil, err
+	}
+	p, err := c.Process(execID)
+	if err != nil {
+		return nil, nil, errgrpc.ToGRPC(err)
+	}
+	return c, p, nil
+}
+
+// ResizePty resizes a process's terminal.
+func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*emptypb.Empty, error) {
+	return s.onContainer(r.ID, func(c *containerEntry) error { return c.Container.ResizePty(ctx, r) })
+}
+
 // State reports a process's status.
 func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
-	c, err := s.getContainer(r.ID)
+	c, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
 		return nil, err
-	}
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return nil, errgrpc.ToGRPC(err)
 	}
 	st, err := p.Status(ctx)
 	if err != nil {
@@ -522,28 +539,24 @@ func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.
 
 // Pause freezes a container.
 func (s *Service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptypb.Empty, error) {
-	c, err := s.getContainer(r.ID)
-	if err != nil {
-		return nil, err
-	}
-	if err := c.Container.Pause(ctx); err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
-	s.publish(c.namespace, runtime.TaskPausedEventTopic, &eventstypes.TaskPaused{ContainerID: c.ID})
-	return empty, nil
+	return s.onContainer(r.ID, func(c *containerEntry) error {
+		if err := c.Container.Pause(ctx); err != nil {
+			return err
+		}
+		s.publish(c.namespace, runtime.TaskPausedEventTopic, &eventstypes.TaskPaused{ContainerID: c.ID})
+		return nil
+	})
 }
 
 // Resume thaws a paused container.
 func (s *Service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptypb.Empty, error) {
-	c, err := s.getContainer(r.ID)
-	if err != nil {
-		return nil, err
-	}
-	if err := c.Container.Resume(ctx); err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
-	s.publish(c.namespace, runtime.TaskResumedEventTopic, &eventstypes.TaskResumed{ContainerID: c.ID})
-	return empty, nil
+	return s.onContainer(r.ID, func(c *containerEntry) error {
+		if err := c.Container.Resume(ctx); err != nil {
+			return err
+		}
+		s.publish(c.namespace, runtime.TaskResumedEventTopic, &eventstypes.TaskResumed{ContainerID: c.ID})
+		return nil
+	})
 }
 
 // Checkpoint is not offered: the daemon has no CRIU integration.
@@ -553,17 +566,10 @@ func (s *Service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 
 // Kill signals a process (all processes of the container when r.All).
 func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Empty, error) {
-	c, err := s.getContainer(r.ID)
-	if err != nil {
-		return nil, err
-	}
 	if err := validateExecID(r.ExecID); err != nil {
 		return nil, err
 	}
-	if err := c.Container.Kill(ctx, r); err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
-	return empty, nil
+	return s.onContainer(r.ID, func(c *containerEntry) error { return c.Container.Kill(ctx, r) })
 }
 
 // Pids lists the container's processes.
@@ -605,37 +611,19 @@ func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 
 // CloseIO closes a process's stdin.
 func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*emptypb.Empty, error) {
-	c, err := s.getContainer(r.ID)
-	if err != nil {
-		return nil, err
-	}
-	if err := c.Container.CloseIO(ctx, r); err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
-	return empty, nil
+	return s.onContainer(r.ID, func(c *containerEntry) error { return c.Container.CloseIO(ctx, r) })
 }
 
 // Update changes a container's resources.
 func (s *Service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*emptypb.Empty, error) {
-	c, err := s.getContainer(r.ID)
-	if err != nil {
-		return nil, err
-	}
-	if err := c.Container.Update(ctx, r); err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
-	return empty, nil
+	return s.onContainer(r.ID, func(c *containerEntry) error { return c.Container.Update(ctx, r) })
 }
 
 // Wait blocks until a process has exited.
 func (s *Service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
-	c, err := s.getContainer(r.ID)
+	_, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
 		return nil, err
-	}
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return nil, errgrpc.ToGRPC(err)
 	}
 	if err := p.Wait(ctx); err != nil {
 		return nil, errgrpc.ToGRPC(err)
