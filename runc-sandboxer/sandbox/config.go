@@ -1,5 +1,6 @@
-// Package sandbox is the runc family: pods whose containers run under an
-// OCI runtime CLI on the host, sharing the namespaces of a per-pod holder.
+// Package sandbox holds what only the runc family has: its configuration.
+// Its pods are shared/hostpod pods whose containers run under an OCI runtime
+// CLI through shared/task.
 package sandbox
 
 import (

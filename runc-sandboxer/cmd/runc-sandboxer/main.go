@@ -17,6 +17,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/hostpod"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
@@ -49,12 +50,12 @@ func run() error {
 	if root == "" {
 		root = filepath.Join(base.Flags.Dir, "runc")
 	}
-	family := sandbox.New(base.TaskAddress(), base.Log.Named("runc"))
+	family := hostpod.New(base.TaskAddress(), base.Log.Named("runc"))
 	ctrl, err := controller.New(context.Background(), family, base.Store, base.Log.Named("controller"))
 	if err != nil {
 		return err
 	}
-	tasks, err := task.New(sandbox.TaskSandboxes{Controller: ctrl}, base.Events, task.RuntimeConfig{
+	tasks, err := task.New(hostpod.TaskSandboxes{Controller: ctrl}, base.Events, task.RuntimeConfig{
 		Binary:        cfg.Runtime.Binary,
 		Root:          root,
 		SystemdCgroup: cfg.Runtime.SystemdCgroup,

@@ -1,4 +1,4 @@
-package sandbox
+package hostpod
 
 import (
 	"context"
@@ -316,8 +316,8 @@ func TestControllerLifecycle(t *testing.T) {
 	if files := stateFiles(t, r.dir); len(files) != 0 {
 		t.Errorf("state files left: %v", files)
 	}
-	if _, err := cgroup.Load(filepath.Join(ownCgroupRoot, id)); err == nil {
-		t.Errorf("pod cgroup %s left behind", filepath.Join(ownCgroupRoot, id))
+	if _, err := cgroup.Load(filepath.Join(OwnCgroupRoot, id)); err == nil {
+		t.Errorf("pod cgroup %s left behind", filepath.Join(OwnCgroupRoot, id))
 	}
 }
 

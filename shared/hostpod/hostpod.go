@@ -1,4 +1,8 @@
-package sandbox
+// Package hostpod is the pod lifecycle of the families whose containers run
+// on the host (runc, wasm): a per-pod holder process owns the pod's
+// namespaces, the pod's cgroup holds the holder and the containers, and the
+// shared task service serves the containers.
+package hostpod
 
 import (
 	"context"
@@ -24,9 +28,9 @@ import (
 const taskAPIVersion = 3
 
 // ownCgroupRoot holds the cgroups of pods that CRI gave no cgroup parent.
-const ownCgroupRoot = "/kuasar-go"
+const OwnCgroupRoot = "/kuasar-go"
 
-// state is what the runc family remembers of a pod (store.Sandbox.Family).
+// state is what the family remembers of a pod (store.Sandbox.Family).
 type state struct {
 	HolderPid       int    `json:"holder_pid,omitempty"`
 	HolderStartTime uint64 `json:"holder_start_time,omitempty"`
@@ -51,7 +55,7 @@ func load(sb *store.Sandbox) (state, error) {
 		return st, nil
 	}
 	if err := json.Unmarshal(sb.Family, &st); err != nil {
-		return st, fmt.Errorf("decode runc state of sandbox %s: %w", sb.ID, err)
+		return st, fmt.Errorf("decode pod state of sandbox %s: %w", sb.ID, err)
 	}
 	return st, nil
 }
@@ -65,13 +69,13 @@ func save(sb *store.Sandbox, st state) error {
 	return nil
 }
 
-// Sandboxer implements controller.Sandboxer for runc pods.
+// Sandboxer implements controller.Sandboxer for pods on the host.
 type Sandboxer struct {
 	taskAddress string
 	log         *zap.Logger
 }
 
-// New returns the runc family; taskAddress is the shared task service.
+// New returns the family; taskAddress is where its task service listens.
 func New(taskAddress string, log *zap.Logger) *Sandboxer {
 	return &Sandboxer{taskAddress: taskAddress, log: log}
 }
@@ -111,7 +115,7 @@ func (r *Sandboxer) Create(ctx context.Context, sb *store.Sandbox) error {
 	}
 	st := state{Spec: spec, PodCgroup: cfg.GetLinux().GetCgroupParent()}
 	if st.PodCgroup == "" {
-		st.PodCgroup = path.Join(ownCgroupRoot, sb.ID)
+		st.PodCgroup = path.Join(OwnCgroupRoot, sb.ID)
 		st.OwnPodCgroup = true
 	}
 	if !strings.HasPrefix(st.PodCgroup, "/") || path.Clean(st.PodCgroup) != st.PodCgroup {
