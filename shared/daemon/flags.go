@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/pelletier/go-toml/v2"
 )
@@ -76,9 +77,19 @@ func (f Flags) LoadConfig(cfg any) error {
 		var derr *toml.DecodeError
 		if errors.As(err, &derr) {
 			row, col := derr.Position()
-			return fmt.Errorf("config %s:%d:%d: %s", f.Config, row, col, derr.Error())
+			return fmt.Errorf("config %s:%d:%d: %q: %s", f.Config, row, col, lineAt(data, row), derr.Error())
 		}
 		return fmt.Errorf("config %s: %w", f.Config, err)
 	}
 	return nil
+}
+
+// lineAt returns line row (1-based) of data, trimmed, to show the key an
+// error is about.
+func lineAt(data []byte, row int) string {
+	lines := strings.Split(string(data), "\n")
+	if row < 1 || row > len(lines) {
+		return ""
+	}
+	return strings.TrimSpace(lines[row-1])
 }
