@@ -99,6 +99,11 @@ func Init(name string, args []string, cfg Config, stdout, stderr io.Writer) (*Ba
 	}, nil
 }
 
+// shutdownGrace bounds how long SIGTERM waits for calls in flight.
+// containerd keeps a Wait call open per sandbox and per task, which never
+// end by themselves: containerd retries them against the next instance.
+const shutdownGrace = 2 * time.Second
+
 // TaskSocket is the path of the daemon's ttrpc task socket.
 func (b *Base) TaskSocket() string { return filepath.Join(b.Flags.Dir, "task.sock") }
 
@@ -164,11 +169,11 @@ func (b *Base) Serve(ctrl *controller.Server, registerTasks func(*ttrpc.Server))
 	}()
 	select {
 	case <-stopped:
-	case <-time.After(10 * time.Second):
+	case <-time.After(shutdownGrace):
 		grpcSrv.Stop()
 	}
 	if ttrpcSrv != nil {
-		sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+		sctx, scancel := context.WithTimeout(context.Background(), shutdownGrace)
 		if err := ttrpcSrv.Shutdown(sctx); err != nil {
 			ttrpcSrv.Close()
 		}
