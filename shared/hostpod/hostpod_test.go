@@ -81,7 +81,11 @@ func newRig(t *testing.T) *rig {
 	}
 	fwd := events.NewForwarder(filepath.Join(dir, "no-containerd.sock"), log)
 	t.Cleanup(func() { fwd.Close() })
-	tasks, err := task.New(TaskSandboxes{Controller: srv}, fwd, task.RuntimeConfig{Root: filepath.Join(dir, "runc")}, log)
+	rt, err := task.NewRuncRuntime(task.RuntimeConfig{Root: filepath.Join(dir, "runc")}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tasks, err := task.New(TaskSandboxes{Controller: srv}, fwd, rt, log)
 	if err != nil {
 		t.Fatal(err)
 	}

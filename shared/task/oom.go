@@ -41,17 +41,33 @@ func (s *Service) oomEvent(id string) {
 }
 
 // watchOOM reports OOM kills in the container's cgroup as TaskOOM events.
-func (s *Service) watchOOM(ctx context.Context, c *containerEntry) {
-	var err error
+func (s *Service) watchOOM(c *containerEntry) {
+	id := c.ID()
 	switch cg := c.Cgroup().(type) {
 	case cgroup1.Cgroup:
 		if s.oom1 != nil {
-			err = s.oom1.Add(c.ID, cg)
+			if err := s.oom1.Add(id, cg); err != nil {
+				s.log.Warn("cannot watch OOM events", zap.String("container", id), zap.Error(err))
+			}
 		}
 	case *cgroupsv2.Manager:
-		err = c.OOMWatch(s.ctx, s.oomEvent)
-	}
-	if err != nil {
-		s.log.Warn("cannot watch OOM events", zap.String("container", c.ID), zap.Error(err))
+		// The event channel ends with an error once the cgroup is deleted.
+		events, errs := cg.EventChan()
+		go func() {
+			var kills uint64
+			for {
+				select {
+				case ev := <-events:
+					if ev.OOMKill > kills {
+						kills = ev.OOMKill
+						s.oomEvent(id)
+					}
+				case <-errs:
+					return
+				case <-s.ctx.Done():
+					return
+				}
+			}
+		}()
 	}
 }

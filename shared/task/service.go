@@ -21,12 +21,10 @@ import (
 	"github.com/containerd/containerd/api/types/runc/options"
 	apitask "github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/process"
-	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/runc"
 	cevents "github.com/containerd/containerd/v2/core/events"
 	"github.com/containerd/containerd/v2/core/runtime"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/protobuf"
-	"github.com/containerd/containerd/v2/pkg/stdio"
 	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -35,7 +33,6 @@ import (
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"go.uber.org/zap"
-	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/kuasar-go/kuasar-go/shared/validate"
@@ -61,21 +58,10 @@ type Publisher interface {
 	PublishNamespace(ns, topic string, event cevents.Event) error
 }
 
-// RuntimeConfig is the OCI runtime the service drives when containerd's
-// runtime options do not name one.
-type RuntimeConfig struct {
-	// Binary is the runtime CLI: "runc" (default), "crun" or a path.
-	Binary string
-	// Root is the runtime's state directory (--root); required.
-	Root string
-	// SystemdCgroup makes the runtime use the systemd cgroup driver.
-	SystemdCgroup bool
-}
-
 // containerEntry is a container with the pod it belongs to and the state
 // of its exits.
 type containerEntry struct {
-	*runc.Container
+	Container
 	sandboxID string
 	namespace string
 
@@ -95,8 +81,7 @@ type processRef struct {
 type Service struct {
 	sandboxes Sandboxes
 	publisher Publisher
-	runtime   RuntimeConfig
-	platform  stdio.Platform
+	runtime   Runtime
 	log       *zap.Logger
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -117,25 +102,15 @@ type oomWatcher interface {
 	Close() error
 }
 
-// New returns a task service. The process must already be a child
-// subreaper reaping through containerd's reaper (see package reap).
-func New(sandboxes Sandboxes, publisher Publisher, rt RuntimeConfig, log *zap.Logger) (*Service, error) {
-	if rt.Binary == "" {
-		rt.Binary = "runc"
-	}
-	if rt.Root == "" {
-		return nil, fmt.Errorf("runtime root must be set: %w", errdefs.ErrInvalidArgument)
-	}
-	platform, err := runc.NewPlatform()
-	if err != nil {
-		return nil, err
-	}
+// New returns a task service whose containers rt makes. The process must
+// already be a child subreaper reaping through containerd's reaper (see
+// package reap). The service owns rt and closes it.
+func New(sandboxes Sandboxes, publisher Publisher, rt Runtime, log *zap.Logger) (*Service, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{
 		sandboxes:  sandboxes,
 		publisher:  publisher,
 		runtime:    rt,
-		platform:   platform,
 		log:        log,
 		ctx:        ctx,
 		cancel:     cancel,
@@ -166,7 +141,7 @@ func (s *Service) Close() error {
 	if s.oom1 != nil {
 		s.oom1.Close()
 	}
-	return s.platform.Close()
+	return s.runtime.Close()
 }
 
 func (s *Service) publish(ns, topic string, ev cevents.Event) {
@@ -258,9 +233,6 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	if err := placeCgroup(r.Bundle, r.ID, spec, sb.CgroupParent); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if r.Options, err = s.runtimeOptions(r.Options); err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
 
 	s.mu.Lock()
 	if _, ok := s.containers[r.ID]; ok {
@@ -273,7 +245,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 
 	handleStarted, cleanup := s.preStart()
 	defer cleanup()
-	rc, err := runc.NewContainer(ctx, s.platform, r)
+	rc, err := s.runtime.Create(ctx, r)
 	if err != nil {
 		s.mu.Lock()
 		delete(s.containers, r.ID)
@@ -292,7 +264,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 		IO:          &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
 		Pid:         uint32(rc.Pid()),
 	})
-	s.watchOOM(ctx, c)
+	s.watchOOM(c)
 	init, _ := rc.Process("")
 	handleStarted(c, init)
 	s.log.Debug("container created", zap.String("container", r.ID), zap.String("sandbox", sandboxID), zap.Int("pid", rc.Pid()))
@@ -345,33 +317,6 @@ func placeCgroup(bundle, id string, spec *specs.Spec, parent string) error {
 	return os.WriteFile(filepath.Join(bundle, "config.json"), data, 0o600)
 }
 
-// runtimeOptions fills the runtime binary and root from the daemon config
-// where containerd's options leave them empty.
-func (s *Service) runtimeOptions(in *anypb.Any) (*anypb.Any, error) {
-	opts := &options.Options{}
-	if in.GetValue() != nil {
-		v, err := typeurl.UnmarshalAny(in)
-		if err != nil {
-			return nil, fmt.Errorf("runtime options: %v: %w", err, errdefs.ErrInvalidArgument)
-		}
-		o, ok := v.(*options.Options)
-		if !ok {
-			return nil, fmt.Errorf("runtime options of type %T: %w", v, errdefs.ErrInvalidArgument)
-		}
-		opts = o
-	}
-	if opts.BinaryName == "" {
-		opts.BinaryName = s.runtime.Binary
-	}
-	if opts.Root == "" {
-		opts.Root = s.runtime.Root
-	}
-	if s.runtime.SystemdCgroup {
-		opts.SystemdCgroup = true
-	}
-	return typeurl.MarshalAnyToProto(opts)
-}
-
 // Start starts a container's init or an exec'd process.
 func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
 	c, err := s.getContainer(r.ID)
@@ -385,7 +330,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if r.ExecID != "" {
 		if c.initExited {
 			s.mu.Unlock()
-			return nil, errgrpc.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s init process is not running", c.ID)
+			return nil, errgrpc.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s init process is not running", c.ID())
 		}
 		c.runningExecs++
 	}
@@ -401,9 +346,9 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		return nil, errgrpc.ToGRPC(err)
 	}
 	if r.ExecID == "" {
-		s.publish(c.namespace, runtime.TaskStartEventTopic, &eventstypes.TaskStart{ContainerID: c.ID, Pid: uint32(p.Pid())})
+		s.publish(c.namespace, runtime.TaskStartEventTopic, &eventstypes.TaskStart{ContainerID: c.ID(), Pid: uint32(p.Pid())})
 	} else {
-		s.publish(c.namespace, runtime.TaskExecStartedEventTopic, &eventstypes.TaskExecStarted{ContainerID: c.ID, ExecID: r.ExecID, Pid: uint32(p.Pid())})
+		s.publish(c.namespace, runtime.TaskExecStartedEventTopic, &eventstypes.TaskExecStarted{ContainerID: c.ID(), ExecID: r.ExecID, Pid: uint32(p.Pid())})
 	}
 	handleStarted(c, p)
 	return &taskAPI.StartResponse{Pid: uint32(p.Pid())}, nil
@@ -428,7 +373,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		delete(s.containers, r.ID)
 		s.mu.Unlock()
 		s.publish(c.namespace, runtime.TaskDeleteEventTopic, &eventstypes.TaskDelete{
-			ContainerID: c.ID,
+			ContainerID: c.ID(),
 			Pid:         uint32(p.Pid()),
 			ExitStatus:  uint32(p.ExitStatus()),
 			ExitedAt:    protobuf.ToTimestamp(p.ExitedAt()),
@@ -462,7 +407,7 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emp
 		cancel()
 		return nil, errgrpc.ToGRPC(err)
 	}
-	s.publish(c.namespace, runtime.TaskExecAddedEventTopic, &eventstypes.TaskExecAdded{ContainerID: c.ID, ExecID: p.ID()})
+	s.publish(c.namespace, runtime.TaskExecAddedEventTopic, &eventstypes.TaskExecAdded{ContainerID: c.ID(), ExecID: p.ID()})
 	return empty, nil
 }
 
@@ -525,7 +470,7 @@ func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.
 	sio := p.Stdio()
 	return &taskAPI.StateResponse{
 		ID:         p.ID(),
-		Bundle:     c.Bundle,
+		Bundle:     c.Bundle(),
 		Pid:        uint32(p.Pid()),
 		Status:     status,
 		Stdin:      sio.Stdin,
@@ -543,7 +488,7 @@ func (s *Service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptypb.
 		if err := c.Container.Pause(ctx); err != nil {
 			return err
 		}
-		s.publish(c.namespace, runtime.TaskPausedEventTopic, &eventstypes.TaskPaused{ContainerID: c.ID})
+		s.publish(c.namespace, runtime.TaskPausedEventTopic, &eventstypes.TaskPaused{ContainerID: c.ID()})
 		return nil
 	})
 }
@@ -554,7 +499,7 @@ func (s *Service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptyp
 		if err := c.Container.Resume(ctx); err != nil {
 			return err
 		}
-		s.publish(c.namespace, runtime.TaskResumedEventTopic, &eventstypes.TaskResumed{ContainerID: c.ID})
+		s.publish(c.namespace, runtime.TaskResumedEventTopic, &eventstypes.TaskResumed{ContainerID: c.ID()})
 		return nil
 	})
 }
@@ -578,15 +523,7 @@ func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 	if err != nil {
 		return nil, err
 	}
-	p, err := c.Process("")
-	if err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
-	init, ok := p.(*process.Init)
-	if !ok {
-		return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "pids of %T", p)
-	}
-	pids, err := init.Runtime().Ps(ctx, c.ID)
+	pids, err := c.Container.Pids(ctx)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
@@ -648,7 +585,7 @@ func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 			return nil, errgrpc.ToGRPC(err)
 		}
 	case nil:
-		return nil, errgrpc.ToGRPCf(errdefs.ErrNotFound, "container %s has no cgroup", c.ID)
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotFound, "container %s has no cgroup", c.ID())
 	default:
 		return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "cgroup of type %T", cg)
 	}
@@ -703,20 +640,15 @@ func (s *Service) processExits() {
 }
 
 func (s *Service) handleExit(e runcC.Exit, ref processRef) {
-	init, isInit := ref.p.(*process.Init)
-	if !isInit {
+	if init, _ := ref.c.Process(""); init != ref.p {
 		s.publishExit(e, ref)
 		s.execEnded(ref.c)
 		return
 	}
-	// The init is the last of a container's exits containerd may see: kill
-	// what else runs in its PID namespace and hold the exit until the
+	// The init is the last of a container's exits containerd may see: end
+	// what else runs of the container and hold the exit until the
 	// container's execs have ended.
-	if runc.ShouldKillAllOnExit(s.ctx, ref.c.Bundle) {
-		if err := init.KillAll(s.ctx); err != nil {
-			s.log.Warn("kill container processes after init exit", zap.String("container", ref.c.ID), zap.Error(err))
-		}
-	}
+	ref.c.InitExited(s.ctx)
 	s.mu.Lock()
 	ref.c.initExited = true
 	if ref.c.runningExecs > 0 {
@@ -746,7 +678,7 @@ func (s *Service) execEnded(c *containerEntry) {
 func (s *Service) publishExit(e runcC.Exit, ref processRef) {
 	ref.p.SetExited(e.Status)
 	s.publish(ref.c.namespace, runtime.TaskExitEventTopic, &eventstypes.TaskExit{
-		ContainerID: ref.c.ID,
+		ContainerID: ref.c.ID(),
 		ID:          ref.p.ID(),
 		Pid:         uint32(e.Pid),
 		ExitStatus:  uint32(e.Status),

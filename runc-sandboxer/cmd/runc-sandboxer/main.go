@@ -50,16 +50,20 @@ func run() error {
 	if root == "" {
 		root = filepath.Join(base.Flags.Dir, "runc")
 	}
-	family := hostpod.New(base.TaskAddress(), base.Log.Named("runc"))
+	family := hostpod.New(base.TaskAddress(), base.Log.Named("pods"))
 	ctrl, err := controller.New(context.Background(), family, base.Store, base.Log.Named("controller"))
 	if err != nil {
 		return err
 	}
-	tasks, err := task.New(hostpod.TaskSandboxes{Controller: ctrl}, base.Events, task.RuntimeConfig{
+	rt, err := task.NewRuncRuntime(task.RuntimeConfig{
 		Binary:        cfg.Runtime.Binary,
 		Root:          root,
 		SystemdCgroup: cfg.Runtime.SystemdCgroup,
-	}, base.Log.Named("task"))
+	}, base.Log.Named("runc"))
+	if err != nil {
+		return err
+	}
+	tasks, err := task.New(hostpod.TaskSandboxes{Controller: ctrl}, base.Events, rt, base.Log.Named("task"))
 	if err != nil {
 		return err
 	}
