@@ -1,0 +1,66 @@
+package hostpod
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+
+	"go.uber.org/zap"
+
+	"github.com/kuasar-go/kuasar-go/shared/controller"
+	"github.com/kuasar-go/kuasar-go/shared/daemon"
+	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/task"
+)
+
+// NewRuntime makes the family's container runtime once flags and config
+// are read.
+type NewRuntime func(base *daemon.Base) (task.Runtime, error)
+
+// Main is the whole main function of a sandboxer whose pods run on the host
+// (runc, wasm): it serves as the pods' holder when re-executed as one,
+// otherwise it runs the daemon until SIGTERM. cfg holds the defaults.
+func Main(name string, cfg daemon.Config, newRuntime NewRuntime) {
+	if holder.IsHolder() {
+		holder.Main()
+		return
+	}
+	if err := run(name, cfg, newRuntime); err != nil {
+		if errors.Is(err, daemon.ErrVersionPrinted) {
+			return
+		}
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+		}
+		os.Exit(1)
+	}
+}
+
+func run(name string, cfg daemon.Config, newRuntime NewRuntime) error {
+	base, err := daemon.Init(name, os.Args[1:], cfg, os.Stdout, os.Stderr)
+	if err != nil {
+		return err
+	}
+	defer base.Log.Sync()
+	ctrl, err := controller.New(context.Background(), New(base.TaskAddress(), base.Log.Named("pods")), base.Store, base.Log.Named("controller"))
+	if err != nil {
+		return err
+	}
+	rt, err := newRuntime(base)
+	if err != nil {
+		return err
+	}
+	tasks, err := task.New(TaskSandboxes{Controller: ctrl}, base.Events, rt, base.Log.Named("task"))
+	if err != nil {
+		rt.Close()
+		return err
+	}
+	defer tasks.Close()
+	if err := base.Serve(ctrl, tasks.Register); err != nil {
+		base.Log.Error("exiting", zap.Error(err))
+		return err
+	}
+	return nil
+}
