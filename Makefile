@@ -24,7 +24,7 @@ GOTEST := $(GO) test -v
 endif
 TESTFLAGS ?= -race -count=1 -timeout 25m
 
-.PHONY: all deps build tools test vet demo install uninstall clean
+.PHONY: all deps build tools test vet demo bench install uninstall clean
 
 all: build
 
@@ -47,6 +47,12 @@ tools:
 # pod with a container through CRI, its output and IP, then teardown.
 demo: deps build tools
 	KUASAR_GO_OUTPUT=$(OUT) $(GO) run ./hack/demo
+
+# Pod start latency and management memory, runc-sandboxer beside
+# containerd's runc shim (docs/performance.md). Root; not part of `test`.
+# make bench BENCH_FLAGS=--quick for a run under two minutes.
+bench: deps build tools
+	KUASAR_GO_OUTPUT=$(OUT) $(GO) run ./hack/bench --out $(or $(BENCH_OUT),results) $(BENCH_FLAGS)
 
 vet:
 	$(GO) vet $(PKGS)

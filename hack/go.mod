@@ -2,16 +2,26 @@ module github.com/kuasar-go/kuasar-go/hack
 
 go 1.26.6
 
-require github.com/kuasar-go/kuasar-go/shared v0.0.0
+require (
+	github.com/kuasar-go/kuasar-go/shared v0.0.0
+	gonum.org/v1/plot v0.17.0
+	k8s.io/cri-api v0.34.1
+)
 
 require (
+	codeberg.org/go-fonts/liberation v0.5.0 // indirect
+	codeberg.org/go-latex/latex v0.2.0 // indirect
+	codeberg.org/go-pdf/fpdf v0.11.1 // indirect
+	git.sr.ht/~sbinet/gg v0.7.0 // indirect
+	github.com/ajstarks/svgo v0.0.0-20211024235047-1546f124cd8b // indirect
+	github.com/golang/freetype v0.0.0-20170609003504-e2365dfdc4a0 // indirect
+	golang.org/x/image v0.30.0 // indirect
 	golang.org/x/net v0.58.0 // indirect
 	golang.org/x/sys v0.48.0 // indirect
 	golang.org/x/text v0.41.0 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20261019180522-ce908d29299b // indirect
 	google.golang.org/grpc v1.83.2 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
-	k8s.io/cri-api v0.34.1 // indirect
 )
 
 replace github.com/kuasar-go/kuasar-go/shared => ../shared

@@ -1,0 +1,225 @@
+// Command bench measures pod start latency and the memory of the pod
+// management processes of runc-sandboxer (CRI handler "kuasar-runc") side by
+// side with containerd's own runc shim with a pause container (handler
+// "runc"), both under ONE containerd, with the same image, CNI and machine.
+//
+//	go run ./hack/bench --out DIR [--quick] [flags]
+//
+// It needs root and `make build tools`. Results go to DIR: results.md,
+// startup.csv, memory.csv, startup-cdf.png and memory.png; the Markdown is
+// also printed to stdout, progress to stderr. See docs/performance.md.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
+)
+
+// The two CRI runtime handlers under test.
+const (
+	kuasar = "kuasar-runc" // runc-sandboxer
+	shim   = "runc"        // containerd-shim-runc-v2 + pause (containerd's podsandbox)
+)
+
+var runtimes = []string{kuasar, shim}
+
+func label(rt string) string {
+	if rt == kuasar {
+		return "kuasar-runc"
+	}
+	return "runc shim + pause"
+}
+
+type config struct {
+	out        string
+	quick      bool
+	serial     int
+	parallel   int
+	batches    int
+	warmup     int
+	podCounts  []int
+	poll       time.Duration
+	settle     time.Duration
+	memSamples int
+	timeout    time.Duration
+	logLevel   string
+	sandboxer  string
+	skipStart  bool
+	skipMemory bool
+	keepLogs   bool
+}
+
+// stopping is set by SIGINT/SIGTERM: the loops end, the harness tears down.
+var stopping atomic.Bool
+
+func main() {
+	var c config
+	var counts string
+	flag.StringVar(&c.out, "out", "", "output directory (created); required")
+	flag.BoolVar(&c.quick, "quick", false, "small run (under two minutes): --serial 20 --parallel 5 --batches 2 --pod-counts 1,5,10 --warmup 1 --settle 1s --mem-samples 2, unless those flags are given")
+	flag.IntVar(&c.serial, "serial", 100, "pods per runtime started one after another")
+	flag.IntVar(&c.parallel, "parallel", 20, "pods per batch started at once")
+	flag.IntVar(&c.batches, "batches", 5, "parallel batches per runtime")
+	flag.IntVar(&c.warmup, "warmup", 2, "untimed pods per runtime before the startup runs")
+	flag.StringVar(&counts, "pod-counts", "1,5,10,20,50", "comma-separated numbers of running pods at which memory is measured")
+	flag.DurationVar(&c.poll, "poll", 2*time.Millisecond, "how often the container log is polled for the first line")
+	flag.DurationVar(&c.settle, "settle", 2*time.Second, "wait after starting pods before measuring memory")
+	flag.IntVar(&c.memSamples, "mem-samples", 3, "memory samples per pod count (500ms apart; the median total is kept)")
+	flag.DurationVar(&c.timeout, "timeout", 60*time.Second, "limit for one pod to show its first log line")
+	flag.StringVar(&c.logLevel, "log-level", "info", "log level of containerd and runc-sandboxer (the shim follows containerd)")
+	flag.StringVar(&c.sandboxer, "sandboxer", "runc-sandboxer", "sandboxer binary in _output/bin")
+	flag.BoolVar(&c.skipStart, "skip-startup", false, "skip the startup latency runs")
+	flag.BoolVar(&c.skipMemory, "skip-memory", false, "skip the memory runs")
+	flag.BoolVar(&c.keepLogs, "keep-logs", false, "copy the containerd and runc-sandboxer logs to DIR/logs before teardown")
+	flag.Parse()
+
+	if c.quick {
+		set := map[string]bool{}
+		flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		def := func(name string, apply func()) {
+			if !set[name] {
+				apply()
+			}
+		}
+		def("serial", func() { c.serial = 20 })
+		def("parallel", func() { c.parallel = 5 })
+		def("batches", func() { c.batches = 2 })
+		def("pod-counts", func() { counts = "1,5,10" })
+		def("warmup", func() { c.warmup = 1 })
+		def("settle", func() { c.settle = time.Second })
+		def("mem-samples", func() { c.memSamples = 2 })
+	}
+	if c.out == "" {
+		fatalf("--out DIR is required")
+	}
+	var err error
+	if c.podCounts, err = parseCounts(counts); err != nil {
+		fatalf("--pod-counts: %v", err)
+	}
+	if c.serial < 0 || c.parallel < 1 || c.batches < 0 || c.warmup < 0 || c.memSamples < 1 || c.poll <= 0 {
+		fatalf("bad flags: --serial, --batches and --warmup must be >= 0, --parallel and --mem-samples >= 1, --poll > 0")
+	}
+	if os.Geteuid() != 0 {
+		fatalf("must run as root: it starts containerd, creates namespaces, cgroups, mounts and network devices (try: sudo make bench)")
+	}
+	if err := os.MkdirAll(c.out, 0o755); err != nil {
+		fatalf("%v", err)
+	}
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		s := <-sigs
+		fmt.Fprintf(os.Stderr, "bench: %v: stopping after the current step, then tearing down (again to abort without cleanup)\n", s)
+		stopping.Store(true)
+		<-sigs
+		os.Exit(130)
+	}()
+
+	began := time.Now()
+	res := &results{incomplete: true}
+	r := testenv.NewRunner("bench", os.Stderr)
+	runErr := r.Run(func(tb testing.TB) { run(tb, c, res) })
+	if len(res.startup) > 0 || len(res.memory) > 0 {
+		res.wall = time.Since(began)
+		md, err := res.write(c)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench: write results:", err)
+			os.Exit(1)
+		}
+		fmt.Print(md)
+		fmt.Fprintf(os.Stderr, "bench: results in %s (%v in all)\n", c.out, res.wall.Round(time.Second))
+	}
+	if runErr != nil {
+		fmt.Fprintln(os.Stderr, "bench:", runErr)
+		os.Exit(1)
+	}
+}
+
+func fatalf(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", a...)
+	os.Exit(2)
+}
+
+func parseCounts(s string) ([]int, error) {
+	var out []int
+	seen := map[int]bool{}
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("%q is not a positive number", f)
+		}
+		if !seen[n] {
+			seen[n] = true
+			out = append(out, n)
+		}
+	}
+	sort.Ints(out)
+	return out, nil
+}
+
+// run starts containerd with both handlers and runs the benchmarks into
+// res, which keeps what was measured when a later step fails, so partial
+// results are still written.
+func run(tb testing.TB, c config, res *results) {
+	bin := testenv.Binary(c.sandboxer)
+	testenv.RequireFiles(tb, bin)
+	env := testenv.Start(tb, testenv.Options{
+		Sandboxers: []testenv.Sandboxer{{
+			Name:   kuasar,
+			Binary: bin,
+			// After the harness's --log-level debug: the last one wins.
+			Args: []string{"--log-level", c.logLevel},
+		}},
+		LogLevel:     c.logLevel,
+		StartTimeout: 60 * time.Second,
+	})
+	res.machine = describeMachine(bin)
+	if c.keepLogs {
+		// Registered after Start's teardown, so it runs before it.
+		tb.Cleanup(func() {
+			dir := filepath.Join(c.out, "logs")
+			_ = os.MkdirAll(dir, 0o755)
+			for _, name := range []string{"containerd", kuasar} {
+				if b, err := os.ReadFile(env.LogPath(name)); err == nil {
+					_ = os.WriteFile(filepath.Join(dir, name+".log"), b, 0o644)
+				}
+			}
+		})
+	}
+	tb.Logf("bench: containerd and %s up under %s", c.sandboxer, env.Dir)
+	b := &bench{env: env, tb: tb, c: c}
+	before := env.Snapshot()
+
+	if !c.skipStart {
+		b.warm()
+		b.serial(res)
+		b.parallelRuns(res)
+	}
+	if !c.skipMemory {
+		for _, rt := range runtimes {
+			b.memory(rt, res)
+		}
+	}
+	res.incomplete = false
+
+	// Hygiene: everything the pods made is gone again (teardown is partly
+	// asynchronous, hence the wait).
+	env.AssertNoLeaks(tb, before, 30*time.Second)
+}

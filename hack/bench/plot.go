@@ -1,0 +1,152 @@
+package main
+
+import (
+	"fmt"
+	"image/color"
+	"os"
+	"strconv"
+
+	"github.com/kuasar-go/kuasar-go/hack/bench/stats"
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
+)
+
+var colors = map[string]color.Color{
+	kuasar: color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff}, // blue
+	shim:   color.RGBA{R: 0xff, G: 0x7f, B: 0x0e, A: 0xff}, // orange
+}
+
+// cdfLine is the empirical CDF of ms as a step line.
+func cdfLine(ms []float64) (*plotter.Line, error) {
+	x, y := stats.CDF(ms)
+	pts := make(plotter.XYs, 0, 2*len(x))
+	prev := 0.0
+	for i := range x {
+		pts = append(pts, plotter.XY{X: x[i], Y: prev}, plotter.XY{X: x[i], Y: y[i]})
+		prev = y[i]
+	}
+	return plotter.NewLine(pts)
+}
+
+// plotStartup draws one CDF panel per mode (serial, parallel), both
+// runtimes in each.
+func (r *results) plotStartup(path string, c config) error {
+	var panels []*plot.Plot
+	for _, mode := range []string{"serial", "parallel"} {
+		if len(r.byMode(kuasar, mode))+len(r.byMode(shim, mode)) == 0 {
+			continue
+		}
+		p := plot.New()
+		p.Title.Text = "Pod start latency, serial"
+		if mode == "parallel" {
+			p.Title.Text = fmt.Sprintf("Pod start latency, %d at once", c.parallel)
+		}
+		p.X.Label.Text = "RunPodSandbox → first log line (ms)"
+		p.Y.Label.Text = "fraction of pods"
+		p.X.Min, p.Y.Min, p.Y.Max = 0, 0, 1
+		p.X.Tick.Marker, p.Y.Tick.Marker = plainTicks{}, plainTicks{}
+		p.Add(plotter.NewGrid())
+		for _, rt := range runtimes {
+			ms := totals(r.byMode(rt, mode))
+			if len(ms) == 0 {
+				continue
+			}
+			l, err := cdfLine(ms)
+			if err != nil {
+				return err
+			}
+			l.Color = colors[rt]
+			l.Width = vg.Points(1.5)
+			p.Add(l)
+			p.Legend.Add(fmt.Sprintf("%s (p50 %.0f ms)", label(rt), stats.Percentile(ms, 50)), l)
+		}
+		p.Legend.Top, p.Legend.Left = true, true
+		p.Legend.XOffs, p.Legend.YOffs = vg.Points(8), vg.Points(-4)
+		panels = append(panels, p)
+	}
+	if len(panels) == 0 {
+		return nil
+	}
+	img := vgimg.New(vg.Points(float64(420*len(panels))), vg.Points(320))
+	dc := draw.New(img)
+	tiles := draw.Tiles{Rows: 1, Cols: len(panels),
+		PadX: vg.Points(16), PadTop: vg.Points(6), PadBottom: vg.Points(6), PadLeft: vg.Points(6), PadRight: vg.Points(10)}
+	canvases := plot.Align([][]*plot.Plot{panels}, tiles, dc)
+	for i, p := range panels {
+		p.Draw(canvases[0][i])
+	}
+	return savePNG(img, path)
+}
+
+// plotMemory draws summed PSS against the number of pods.
+func (r *results) plotMemory(path string) error {
+	p := plot.New()
+	p.Title.Text = "Memory of the pod management processes"
+	p.X.Label.Text = "pods running"
+	p.Y.Label.Text = "summed PSS (MiB)"
+	p.X.Min, p.Y.Min = 0, 0
+	p.Add(plotter.NewGrid())
+	for _, rt := range runtimes {
+		var pts plotter.XYs
+		for _, m := range r.memory {
+			if m.Runtime == rt {
+				pts = append(pts, plotter.XY{X: float64(m.Pods), Y: float64(m.TotalPSS()) / 1024})
+			}
+		}
+		if len(pts) == 0 {
+			continue
+		}
+		l, s, err := plotter.NewLinePoints(pts)
+		if err != nil {
+			return err
+		}
+		l.Color, s.Color = colors[rt], colors[rt]
+		l.Width = vg.Points(1.5)
+		s.Shape = draw.CircleGlyph{}
+		p.Add(l, s)
+		what := "runc-sandboxer + holders"
+		if rt == shim {
+			what = "shims + pause"
+		}
+		p.Legend.Add(fmt.Sprintf("%s (%s)", label(rt), what), l, s)
+	}
+	p.Legend.Top, p.Legend.Left = true, true
+	p.Legend.XOffs, p.Legend.YOffs = vg.Points(8), vg.Points(-6)
+	var ticks []plot.Tick
+	for _, n := range r.podCounts() {
+		ticks = append(ticks, plot.Tick{Value: float64(n), Label: strconv.Itoa(n)})
+	}
+	p.X.Tick.Marker = plot.ConstantTicks(ticks)
+	p.Y.Tick.Marker = plainTicks{}
+	img := vgimg.New(vg.Points(520), vg.Points(340))
+	p.Draw(draw.New(img))
+	return savePNG(img, path)
+}
+
+// plainTicks are the default ticks labelled without trailing zeros.
+type plainTicks struct{}
+
+func (plainTicks) Ticks(min, max float64) []plot.Tick {
+	ts := plot.DefaultTicks{}.Ticks(min, max)
+	for i := range ts {
+		if ts[i].Label != "" {
+			ts[i].Label = strconv.FormatFloat(ts[i].Value, 'f', -1, 64)
+		}
+	}
+	return ts
+}
+
+func savePNG(img *vgimg.Canvas, path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
