@@ -1,0 +1,145 @@
+// Package qemu drives QEMU (qemu-system-x86_64) over QMP as a
+// hypervisor.Hypervisor: the command line from typed devices, the process
+// supervised, hot-plug through QMP, KVM only when a probe boot succeeds.
+package qemu
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
+)
+
+// DefaultBinary is Debian's qemu-system-x86 executable.
+const DefaultBinary = "qemu-system-x86_64"
+
+// serialBus is the virtio-serial controller every VM has, so that ports can
+// be plugged at boot or later.
+const serialBus = "vser0"
+
+// hotplugPort names the PCIe root ports kept free for AddDevice.
+func hotplugPort(i int) string { return "hp" + strconv.Itoa(i) }
+
+// esc escapes a value for QEMU's key=value,... option syntax, where a comma
+// is written as two.
+func esc(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
+}
+
+// Args builds QEMU's command line for cfg (without the binary) and the
+// files the process must inherit, which become fds 3, 4, ... in order.
+func Args(cfg *hypervisor.Config) ([]string, []*os.File, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, nil, err
+	}
+	machine := "q35,accel=" + string(cfg.Accel)
+	cpu := "max"
+	if cfg.Accel == hypervisor.AccelKVM {
+		cpu = "host"
+	}
+	a := []string{
+		"-name", "kuasar-" + esc(cfg.ID) + ",debug-threads=on",
+		"-no-user-config", "-nodefaults", "-display", "none", "-vga", "none",
+		"-no-reboot", // a guest reboot ends the VM, like a power-off
+		"-cpu", cpu,
+		"-smp", strconv.Itoa(cfg.CPUs),
+		"-m", strconv.Itoa(cfg.MemoryMiB) + "M",
+	}
+	if cfg.SharedMemory {
+		machine += ",memory-backend=mem"
+		a = append(a, "-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", cfg.MemoryMiB))
+	}
+	a = append(a, "-machine", machine)
+	a = append(a, "-kernel", esc(cfg.Kernel))
+	if cfg.Initrd != "" {
+		a = append(a, "-initrd", esc(cfg.Initrd))
+	}
+	if cfg.Cmdline != "" {
+		a = append(a, "-append", cfg.Cmdline)
+	}
+	a = append(a,
+		"-chardev", "socket,id=qmp,path="+esc(cfg.ControlSocket())+",server=on,wait=off",
+		"-mon", "chardev=qmp,mode=control",
+		"-device", "virtio-serial-pci,id="+serialBus,
+	)
+	for i := 0; i < cfg.HotplugSlots; i++ {
+		a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", hotplugPort(i), i+1))
+	}
+	var files []*os.File
+	for _, d := range cfg.Devices {
+		da, err := deviceArgs(cfg, d, &files)
+		if err != nil {
+			return nil, nil, err
+		}
+		a = append(a, da...)
+	}
+	return a, files, nil
+}
+
+func deviceArgs(cfg *hypervisor.Config, d hypervisor.Device, files *[]*os.File) ([]string, error) {
+	switch d := d.(type) {
+	case *hypervisor.Console:
+		return []string{
+			"-chardev", "file,id=" + d.ID + ",path=" + esc(cfg.ConsoleLog()),
+			"-serial", "chardev:" + d.ID,
+		}, nil
+	case *hypervisor.RNG:
+		return []string{
+			"-object", "rng-random,id=" + d.ID + "-src,filename=/dev/urandom",
+			"-device", "virtio-rng-pci,id=" + d.ID + ",rng=" + d.ID + "-src",
+		}, nil
+	case *hypervisor.SerialPort:
+		return []string{
+			"-chardev", "socket,id=" + d.ID + "-chr,path=" + esc(d.SocketPath) + ",server=on,wait=off",
+			"-device", "virtserialport,id=" + d.ID + ",bus=" + serialBus + ".0,chardev=" + d.ID + "-chr,name=" + esc(d.Name),
+		}, nil
+	case *hypervisor.Vsock:
+		return []string{"-device", fmt.Sprintf("vhost-vsock-pci,id=%s,guest-cid=%d", d.ID, d.GuestCID)}, nil
+	case *hypervisor.VirtioFS:
+		return []string{
+			"-chardev", "socket,id=" + d.ID + "-chr,path=" + esc(d.SocketPath),
+			"-device", "vhost-user-fs-pci,id=" + d.ID + ",chardev=" + d.ID + "-chr,tag=" + esc(d.Tag),
+		}, nil
+	case *hypervisor.Block:
+		format := d.Format
+		if format == "" {
+			format = "raw"
+		}
+		ro := onOff(d.ReadOnly)
+		return []string{
+			"-blockdev", "driver=file,node-name=" + d.ID + "-file,filename=" + esc(d.Path) + ",read-only=" + ro,
+			"-blockdev", "driver=" + format + ",node-name=" + d.ID + "-fmt,file=" + d.ID + "-file,read-only=" + ro,
+			"-device", "virtio-blk-pci,id=" + d.ID + ",drive=" + d.ID + "-fmt",
+		}, nil
+	case *hypervisor.TapNet:
+		netdev := "tap,id=" + d.ID + "-net,vhost=off"
+		dev := "virtio-net-pci,id=" + d.ID + ",netdev=" + d.ID + "-net"
+		switch {
+		case d.IfName != "":
+			netdev += ",ifname=" + esc(d.IfName) + ",script=no,downscript=no"
+		case len(d.Files) == 1:
+			netdev += ",fd=" + strconv.Itoa(3+len(*files))
+			*files = append(*files, d.Files[0])
+		default:
+			fds := make([]string, len(d.Files))
+			for i, f := range d.Files {
+				fds[i] = strconv.Itoa(3 + len(*files))
+				*files = append(*files, f)
+			}
+			netdev += ",fds=" + strings.Join(fds, ":")
+			dev += fmt.Sprintf(",mq=on,vectors=%d", 2*len(d.Files)+2)
+		}
+		if len(d.MAC) != 0 {
+			dev += ",mac=" + d.MAC.String()
+		}
+		return []string{"-netdev", netdev, "-device", dev}, nil
+	}
+	return nil, fmt.Errorf("qemu: device %q: type %T is not supported", d.DeviceID(), d)
+}

@@ -1,0 +1,183 @@
+package qemu
+
+import (
+	"net"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
+)
+
+func baseConfig() hypervisor.Config {
+	return hypervisor.Config{
+		ID: "pod1", Dir: "/run/vmm/pod1", Kernel: "/k/vmlinuz", Initrd: "/k/initrd.img",
+		Cmdline: "console=ttyS0 quiet", CPUs: 2, MemoryMiB: 512, Accel: hypervisor.AccelTCG,
+	}
+}
+
+func TestArgs(t *testing.T) {
+	tap, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tap.Close()
+	mac, _ := net.ParseMAC("02:42:ac:11:00:02")
+	tests := []struct {
+		name  string
+		edit  func(c *hypervisor.Config)
+		want  []string // "flag value": must appear as two consecutive arguments
+		not   []string // none may appear as an argument
+		files int
+	}{
+		{
+			name: "tcg base",
+			edit: func(c *hypervisor.Config) {},
+			want: []string{
+				"-machine q35,accel=tcg", "-cpu max", "-smp 2", "-m 512M", "-no-reboot", "-nodefaults",
+				"-kernel /k/vmlinuz", "-initrd /k/initrd.img", "-append console=ttyS0 quiet",
+				"-chardev socket,id=qmp,path=/run/vmm/pod1/vmm.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
+				"-device virtio-serial-pci,id=vser0",
+			},
+			not: []string{"-object"},
+		},
+		{
+			name: "kvm uses the host cpu",
+			edit: func(c *hypervisor.Config) { c.Accel = hypervisor.AccelKVM },
+			want: []string{"-machine q35,accel=kvm", "-cpu host"},
+		},
+		{
+			name: "shared memory for vhost-user",
+			edit: func(c *hypervisor.Config) { c.SharedMemory = true },
+			want: []string{
+				"-object memory-backend-memfd,id=mem,size=512M,share=on",
+				"-machine q35,accel=tcg,memory-backend=mem",
+			},
+		},
+		{
+			name: "hot-plug slots",
+			edit: func(c *hypervisor.Config) { c.HotplugSlots = 2 },
+			want: []string{
+				"-device pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
+				"-device pcie-root-port,id=hp1,bus=pcie.0,chassis=2",
+			},
+		},
+		{
+			name: "commas in paths are escaped",
+			edit: func(c *hypervisor.Config) { c.Kernel = "/k/a,b"; c.Dir = "/run/x,y" },
+			want: []string{"-kernel /k/a,,b", "-chardev socket,id=qmp,path=/run/x,,y/vmm.sock,server=on,wait=off"},
+		},
+		{
+			name: "every device type",
+			edit: func(c *hypervisor.Config) {
+				c.SharedMemory = true
+				c.Devices = []hypervisor.Device{
+					&hypervisor.Console{ID: "console"},
+					&hypervisor.RNG{ID: "rng"},
+					&hypervisor.SerialPort{ID: "agent", Name: "kuasar.agent", SocketPath: "/run/vmm/pod1/agent.sock"},
+					&hypervisor.Vsock{ID: "vsock", GuestCID: 7},
+					&hypervisor.VirtioFS{ID: "fs", Tag: "kuasar", SocketPath: "/run/vmm/pod1/fs.sock"},
+					&hypervisor.Block{ID: "disk0", Path: "/img/a.qcow2", Format: "qcow2", ReadOnly: true},
+					&hypervisor.TapNet{ID: "net0", IfName: "tap0", MAC: mac},
+					&hypervisor.TapNet{ID: "net1", Files: []*os.File{tap}},
+					&hypervisor.TapNet{ID: "net2", Files: []*os.File{tap, tap}},
+				}
+			},
+			want: []string{
+				"-chardev file,id=console,path=/run/vmm/pod1/console.log", "-serial chardev:console",
+				"-object rng-random,id=rng-src,filename=/dev/urandom", "-device virtio-rng-pci,id=rng,rng=rng-src",
+				"-chardev socket,id=agent-chr,path=/run/vmm/pod1/agent.sock,server=on,wait=off",
+				"-device virtserialport,id=agent,bus=vser0.0,chardev=agent-chr,name=kuasar.agent",
+				"-device vhost-vsock-pci,id=vsock,guest-cid=7",
+				"-chardev socket,id=fs-chr,path=/run/vmm/pod1/fs.sock", "-device vhost-user-fs-pci,id=fs,chardev=fs-chr,tag=kuasar",
+				"-blockdev driver=file,node-name=disk0-file,filename=/img/a.qcow2,read-only=on",
+				"-blockdev driver=qcow2,node-name=disk0-fmt,file=disk0-file,read-only=on",
+				"-device virtio-blk-pci,id=disk0,drive=disk0-fmt",
+				"-netdev tap,id=net0-net,vhost=off,ifname=tap0,script=no,downscript=no",
+				"-device virtio-net-pci,id=net0,netdev=net0-net,mac=02:42:ac:11:00:02",
+				"-netdev tap,id=net1-net,vhost=off,fd=3",
+				"-netdev tap,id=net2-net,vhost=off,fds=4:5", "-device virtio-net-pci,id=net2,netdev=net2-net,mq=on,vectors=6",
+			},
+			files: 3,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := baseConfig()
+			tc.edit(&cfg)
+			args, files, err := Args(&cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			joined := "\x00" + strings.Join(args, "\x00") + "\x00"
+			for _, w := range tc.want {
+				if !strings.Contains(joined, "\x00"+strings.Replace(w, " ", "\x00", 1)+"\x00") {
+					t.Errorf("missing %q in\n%s", w, strings.Join(args, " "))
+				}
+			}
+			for _, n := range tc.not {
+				for _, a := range args {
+					if a == n {
+						t.Errorf("unexpected %q in %s", n, strings.Join(args, " "))
+					}
+				}
+			}
+			if len(files) != tc.files {
+				t.Errorf("files: got %d, want %d", len(files), tc.files)
+			}
+		})
+	}
+}
+
+func TestArgsInvalid(t *testing.T) {
+	tests := []struct {
+		name string
+		edit func(c *hypervisor.Config)
+		want string
+	}{
+		{"unresolved accel", func(c *hypervisor.Config) { c.Accel = hypervisor.AccelAuto }, `accelerator "auto"`},
+		{"no kernel", func(c *hypervisor.Config) { c.Kernel = "" }, "no kernel"},
+		{"too little memory", func(c *hypervisor.Config) { c.MemoryMiB = 16 }, "memory 16 MiB"},
+		{"bad device id", func(c *hypervisor.Config) { c.Devices = []hypervisor.Device{&hypervisor.RNG{ID: "1,x"}} }, `device id "1,x"`},
+		{"duplicate id", func(c *hypervisor.Config) {
+			c.Devices = []hypervisor.Device{&hypervisor.RNG{ID: "a"}, &hypervisor.Console{ID: "a"}}
+		}, `"a" used twice`},
+		{"virtio-fs without shared memory", func(c *hypervisor.Config) {
+			c.Devices = []hypervisor.Device{&hypervisor.VirtioFS{ID: "fs", Tag: "t", SocketPath: "/s"}}
+		}, "needs shared memory"},
+		{"reserved vsock cid", func(c *hypervisor.Config) {
+			c.Devices = []hypervisor.Device{&hypervisor.Vsock{ID: "v", GuestCID: 2}}
+		}, "CID 2 is reserved"},
+		{"tap with name and files", func(c *hypervisor.Config) {
+			c.Devices = []hypervisor.Device{&hypervisor.TapNet{ID: "n", IfName: "tap0", Files: []*os.File{os.Stdin}}}
+		}, "either an interface name or open tap files"},
+		{"socket path too long", func(c *hypervisor.Config) {
+			c.Devices = []hypervisor.Device{&hypervisor.SerialPort{ID: "p", Name: "n", SocketPath: "/" + strings.Repeat("x", 120)}}
+		}, "longer than 107 bytes"},
+		{"bad block format", func(c *hypervisor.Config) {
+			c.Devices = []hypervisor.Device{&hypervisor.Block{ID: "b", Path: "/x", Format: "vmdk"}}
+		}, `format "vmdk"`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := baseConfig()
+			tc.edit(&cfg)
+			_, _, err := Args(&cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got error %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseAccel(t *testing.T) {
+	for in, want := range map[string]hypervisor.Accel{"": "auto", "auto": "auto", "kvm": "kvm", "tcg": "tcg"} {
+		got, err := hypervisor.ParseAccel(in)
+		if err != nil || got != want {
+			t.Errorf("ParseAccel(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if _, err := hypervisor.ParseAccel("hvf"); err == nil {
+		t.Error("ParseAccel(hvf) succeeded")
+	}
+}
