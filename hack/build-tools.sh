@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Build the pinned third-party binaries the tests and the demo need, from the
-# Go module proxy, using the separate module in hack/tools (pins in its go.mod):
+# Go module proxy, using the separate modules in hack/tools (pins in its
+# go.mod) and hack/tools/runsc (gVisor, kept apart from containerd's
+# dependency set):
 #
 #   OUTDIR/bin/{containerd,ctr,containerd-shim-runc-v2}
+#   OUTDIR/bin/runsc   (static: CGO_ENABLED=0, as runsc needs inside its chroot)
 #   OUTDIR/cni/bin/{bridge,loopback,host-local}
 #
 # Usage: hack/build-tools.sh [OUTDIR]   (default: _output at the repo root)
 #
-# Skipped when OUTDIR/.tools.stamp matches the sha256 of hack/tools/go.mod,
-# hack/tools/go.sum, this script and the Go version, and all binaries exist.
+# Skipped when OUTDIR/.tools.stamp matches the sha256 of both modules' go.mod
+# and go.sum, this script and the Go version, and all binaries exist.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,10 +26,11 @@ STAMP="$OUTDIR/.tools.stamp"
 GO=${GO:-go}
 export GOWORK=off CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -buildvcs=false"
 
-want=("$BIN/containerd" "$BIN/ctr" "$BIN/containerd-shim-runc-v2"
+want=("$BIN/containerd" "$BIN/ctr" "$BIN/containerd-shim-runc-v2" "$BIN/runsc"
       "$CNI/bridge" "$CNI/loopback" "$CNI/host-local")
 
-stamp=$( { cat "$TOOLS/go.mod" "$TOOLS/go.sum" "${BASH_SOURCE[0]}"; "$GO" env GOVERSION; } \
+stamp=$( { cat "$TOOLS/go.mod" "$TOOLS/go.sum" "$TOOLS/runsc/go.mod" "$TOOLS/runsc/go.sum" \
+	"${BASH_SOURCE[0]}"; "$GO" env GOVERSION; } \
 	| sha256sum | cut -d' ' -f1)
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$stamp" ]]; then
@@ -67,10 +71,19 @@ mkdir -p "$TMP/bin" "$TMP/cni" "$BIN" "$CNI"
 	github.com/containernetworking/plugins/plugins/main/loopback \
 	github.com/containernetworking/plugins/plugins/ipam/host-local
 
+# gVisor's runsc from its own module (hack/tools/runsc). Static, as the
+# design brief requires: a dynamically linked runsc fails inside its chroot.
+RUNSC_VER=$(cd "$TOOLS/runsc" && modver gvisor.dev/gvisor)
+(cd "$TOOLS/runsc" && "$GO" build -trimpath \
+	-ldflags "-s -w -X gvisor.dev/gvisor/runsc/version.version=$RUNSC_VER" \
+	-o "$TMP/bin/runsc" gvisor.dev/gvisor/runsc)
+
 for b in containerd ctr containerd-shim-runc-v2; do
 	mv -f "$TMP/bin/$b" "$BIN/$b"
 	echo "built $BIN/$b (containerd $CTD_VER)"
 done
+mv -f "$TMP/bin/runsc" "$BIN/runsc"
+echo "built $BIN/runsc (gVisor $RUNSC_VER)"
 for b in bridge loopback host-local; do
 	mv -f "$TMP/cni/$b" "$CNI/$b"
 	echo "built $CNI/$b (CNI plugins $CNI_VER)"
