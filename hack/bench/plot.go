@@ -46,8 +46,12 @@ func (r *results) plotStartup(path string, c config) error {
 		}
 		p.X.Label.Text = "RunPodSandbox → first log line (ms)"
 		p.Y.Label.Text = "fraction of pods"
-		p.X.Min, p.Y.Min, p.Y.Max = 0, 0, 1
-		p.X.Tick.Marker, p.Y.Tick.Marker = plainTicks{}, plainTicks{}
+		// Headroom above 1 keeps the legend off the curves.
+		p.X.Min, p.Y.Min, p.Y.Max = 0, 0, 1.2
+		p.X.Tick.Marker = plainTicks{}
+		p.Y.Tick.Marker = plot.ConstantTicks([]plot.Tick{
+			{Value: 0, Label: "0"}, {Value: 0.25, Label: "0.25"}, {Value: 0.5, Label: "0.5"},
+			{Value: 0.75, Label: "0.75"}, {Value: 1, Label: "1"}})
 		p.Add(plotter.NewGrid())
 		for _, rt := range runtimes {
 			ms := totals(r.byMode(rt, mode))
@@ -115,6 +119,11 @@ func (r *results) plotMemory(path string) error {
 	}
 	p.Legend.Top, p.Legend.Left = true, true
 	p.Legend.XOffs, p.Legend.YOffs = vg.Points(8), vg.Points(-6)
+	var maxY float64
+	for _, m := range r.memory {
+		maxY = max(maxY, float64(m.TotalPSS())/1024)
+	}
+	p.Y.Max = maxY * 1.2 // headroom for the legend
 	var ticks []plot.Tick
 	for _, n := range r.podCounts() {
 		ticks = append(ticks, plot.Tick{Value: float64(n), Label: strconv.Itoa(n)})
