@@ -72,3 +72,16 @@ uninstall:
 
 clean:
 	rm -rf $(OUT)
+
+# vmm pods' guest: a static vmm-task and the kernel + initramfs pair built
+# from the installed Debian kernel (reproducible) into $(OUT)/guest.
+.PHONY: guest proto
+guest:
+	@mkdir -p $(OUT)/guest
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(OUT)/guest/vmm-task ./vmm-sandboxer/cmd/vmm-task
+	$(GO) run ./vmm-sandboxer/cmd/mkguest -agent $(OUT)/guest/vmm-task -out $(OUT)/guest
+
+# Regenerates proto/'s Go code: protoc (Debian protobuf-compiler) with the
+# generators pinned as tools in proto/go.mod.
+proto:
+	cd proto && $(GO) generate ./...

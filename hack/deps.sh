@@ -4,7 +4,7 @@
 set -euo pipefail
 
 # Debian packages the sandboxers and their tests need. Append here.
-APT_PACKAGES="runc crun busybox-static iproute2 iptables kmod systemd util-linux e2fsprogs procps psmisc qemu-system-x86 linux-image-cloud-amd64"
+APT_PACKAGES="runc crun busybox-static iproute2 iptables kmod systemd util-linux e2fsprogs procps psmisc qemu-system-x86 linux-image-cloud-amd64 protobuf-compiler"
 
 # Pinned Go tools installed into $HOME/go/bin.
 GOTESTSUM_VERSION=v1.13.0

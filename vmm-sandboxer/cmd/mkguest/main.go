@@ -74,7 +74,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, "mkguest:", err)
 		os.Exit(1)
 	}
-	fmt.Printf("mkguest: kernel %s, %d modules (%s built in), initramfs %d bytes, in %s\n  %s\n  %s\n",
-		res.KernelVersion, len(res.Modules), strings.Join(res.Builtin, " "), res.InitrdSize,
+	builtin := ""
+	if len(res.Builtin) > 0 {
+		builtin = " (built in: " + strings.Join(res.Builtin, " ") + ")"
+	}
+	fmt.Printf("mkguest: kernel %s, %d modules%s, initramfs %d bytes, in %s\n  %s\n  %s\n",
+		res.KernelVersion, len(res.Modules), builtin, res.InitrdSize,
 		time.Since(t0).Round(time.Millisecond), res.Kernel, res.Initrd)
 }
