@@ -59,6 +59,7 @@ type config struct {
 	skipStart  bool
 	skipMemory bool
 	keepLogs   bool
+	replot     bool
 }
 
 // stopping is set by SIGINT/SIGTERM: the loops end, the harness tears down.
@@ -83,6 +84,7 @@ func main() {
 	flag.BoolVar(&c.skipStart, "skip-startup", false, "skip the startup latency runs")
 	flag.BoolVar(&c.skipMemory, "skip-memory", false, "skip the memory runs")
 	flag.BoolVar(&c.keepLogs, "keep-logs", false, "copy the containerd and runc-sandboxer logs to DIR/logs before teardown")
+	flag.BoolVar(&c.replot, "replot", false, "only redraw the PNGs in --out DIR from its CSVs (no root needed)")
 	flag.Parse()
 
 	if c.quick {
@@ -103,6 +105,12 @@ func main() {
 	}
 	if c.out == "" {
 		fatalf("--out DIR is required")
+	}
+	if c.replot {
+		if err := replot(c.out); err != nil {
+			fatalf("replot: %v", err)
+		}
+		return
 	}
 	var err error
 	if c.podCounts, err = parseCounts(counts); err != nil {

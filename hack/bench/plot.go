@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"image/color"
+	"math"
 	"os"
 	"strconv"
 
@@ -135,15 +136,31 @@ func (r *results) plotMemory(path string) error {
 	return savePNG(img, path)
 }
 
-// plainTicks are the default ticks labelled without trailing zeros.
+// plainTicks are about five round ticks (1, 2 or 5 times a power of ten)
+// labelled without trailing zeros, with unlabelled minor ticks between.
 type plainTicks struct{}
 
 func (plainTicks) Ticks(min, max float64) []plot.Tick {
-	ts := plot.DefaultTicks{}.Ticks(min, max)
-	for i := range ts {
-		if ts[i].Label != "" {
-			ts[i].Label = strconv.FormatFloat(ts[i].Value, 'f', -1, 64)
+	if !(max > min) {
+		return plot.DefaultTicks{}.Ticks(min, max)
+	}
+	raw := (max - min) / 5
+	mag := math.Pow(10, math.Floor(math.Log10(raw)))
+	step := mag
+	for _, m := range []float64{2, 5, 10} {
+		if step >= raw {
+			break
 		}
+		step = m * mag
+	}
+	var ts []plot.Tick
+	minor := step / 2
+	for v := math.Ceil(min/minor) * minor; v <= max+minor/1e6; v += minor {
+		t := plot.Tick{Value: v}
+		if k := v / step; math.Abs(k-math.Round(k)) < 1e-6 {
+			t.Label = strconv.FormatFloat(math.Round(v/step)*step, 'f', -1, 64)
+		}
+		ts = append(ts, t)
 	}
 	return ts
 }
