@@ -213,12 +213,6 @@ func unimplemented(what string) error {
 	return status.Errorf(codes.Unimplemented, "vmm-task: %s is not implemented yet", what)
 }
 
-func (s *Service) UpdateInterfaces(context.Context, *vmmtask.UpdateInterfacesRequest) (*vmmtask.Empty, error) {
-	return nil, unimplemented("UpdateInterfaces")
-}
-func (s *Service) UpdateRoutes(context.Context, *vmmtask.UpdateRoutesRequest) (*vmmtask.Empty, error) {
-	return nil, unimplemented("UpdateRoutes")
-}
 func (s *Service) CreateContainer(context.Context, *vmmtask.CreateContainerRequest) (*vmmtask.CreateContainerResponse, error) {
 	return nil, unimplemented("CreateContainer")
 }
