@@ -6,6 +6,7 @@ package e2e
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -71,6 +72,15 @@ func buildGuest(t *testing.T, dir string) (kernelVersion, kernel, initrd string)
 func TestE2EVMMBootAndPing(t *testing.T) {
 	dir := t.TempDir()
 	kver, kernel, initrd := buildGuest(t, dir)
+	if os.Getuid() != 0 {
+		t.Skip("needs root (a tap device in a network namespace)")
+	}
+	pn, err := newPodNet("10.254.0.1/30")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pn.Close()
+	guestMAC, _ := net.ParseMAC("02:42:0a:fe:00:02")
 	vmDir := filepath.Join(dir, "vm")
 	sock := filepath.Join(vmDir, "agent.sock")
 	cfg := hypervisor.Config{
@@ -81,6 +91,7 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 			&hypervisor.Console{ID: "console"},
 			&hypervisor.RNG{ID: "rng"},
 			&hypervisor.SerialPort{ID: "agent", Name: "kuasar.agent", SocketPath: sock},
+			&hypervisor.TapNet{ID: "net0", Files: []*os.File{pn.tap}, MAC: guestMAC},
 		},
 	}
 	vm, err := qemu.New(cfg, zaptest.NewLogger(t))
@@ -199,6 +210,23 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 		!strings.Contains(err.Error(), "not implemented") {
 		t.Errorf("CreateContainer: %v", err)
 	}
+
+	// The pod's network: the guest's NIC (found by MAC) gets the pod's
+	// address and a default route; the host side reaches it.
+	_, err = agent.UpdateInterfaces(ctx, &vmmtask.UpdateInterfacesRequest{Interfaces: []*vmmtask.Interface{{
+		Name: "eth0", Mac: guestMAC.String(), Addresses: []*vmmtask.IPAddress{{Address: "10.254.0.2/30"}}, Up: true,
+	}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := agent.UpdateRoutes(ctx, &vmmtask.UpdateRoutesRequest{Routes: []*vmmtask.Route{{Gateway: "10.254.0.1", Device: "eth0"}}}); err != nil {
+		t.Fatal(err)
+	}
+	t3 := time.Now()
+	if err := pn.ping("10.254.0.2", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("host side pinged the guest's eth0 in %s", time.Since(t3).Round(time.Millisecond))
 
 	// Shutdown: the guest powers off and QEMU exits by itself.
 	t2 := time.Now()
