@@ -634,6 +634,12 @@ func (s *Service) processExits() {
 		delete(s.running, e.Pid)
 		s.mu.Unlock()
 		for _, ref := range refs {
+			if init, _ := ref.c.Process(""); init == ref.p {
+				// An init exit runs the runtime (kill --all), whose own exit
+				// arrives through this loop: never block it.
+				go s.handleExit(e, ref)
+				continue
+			}
 			s.handleExit(e, ref)
 		}
 	}

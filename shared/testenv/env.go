@@ -807,7 +807,13 @@ func (e *Env) cleanup() {
 			stopDaemon(t, d, 10*time.Second)
 		}
 	}
-	if n := killLeftovers(e.Dir); n > 0 {
+	e.mu.Lock()
+	ids := make(map[string]bool, len(e.ids))
+	for id := range e.ids {
+		ids[id] = true
+	}
+	e.mu.Unlock()
+	if n := killLeftovers(e.Dir, ids); n > 0 {
 		t.Logf("testenv: killed %d leftover processes of %s", n, e.Dir)
 	}
 	if err := unmountUnder(e.Dir); err != nil {
@@ -873,7 +879,7 @@ func stopDaemon(t testing.TB, d *daemon, grace time.Duration) {
 
 // killLeftovers SIGKILLs processes whose command line names dir, or that
 // run on a root filesystem under dir (containers), and waits for them.
-func killLeftovers(dir string) int {
+func killLeftovers(dir string, ids map[string]bool) int {
 	self := os.Getpid()
 	var pids []int
 	ents, _ := os.ReadDir("/proc")
@@ -888,6 +894,11 @@ func killLeftovers(dir string) int {
 		if !hit {
 			// A container: its root filesystem lives in dir.
 			hit = strings.Contains(rootMount(pid), dir+"/")
+		}
+		if !hit {
+			// A pod's holder outliving its sandboxer: its cgroup is named
+			// after the pod.
+			hit = inCgroupOf(base, ids)
 		}
 		if hit {
 			pids = append(pids, pid)
@@ -1029,7 +1040,7 @@ func sweepStale(t testing.TB) {
 			continue // still running
 		}
 		t.Logf("testenv: sweeping stale %s (owner %s gone)", dir, f[0])
-		killLeftovers(dir)
+		killLeftovers(dir, nil)
 		_ = unmountUnder(dir)
 		if bridgeRe.MatchString(f[1]) {
 			if _, err := net.InterfaceByName(f[1]); err == nil {
@@ -1040,4 +1051,25 @@ func sweepStale(t testing.TB) {
 			t.Logf("testenv: sweep %s: %v", dir, err)
 		}
 	}
+}
+
+// inCgroupOf reports whether the process at /proc/<pid> (base) lives in a
+// cgroup named after one of ids.
+func inCgroupOf(base string, ids map[string]bool) bool {
+	data, err := os.ReadFile(base + "/cgroup")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		i := strings.LastIndexByte(line, ':')
+		if i < 0 {
+			continue
+		}
+		for _, elem := range strings.Split(line[i+1:], "/") {
+			if ids[elem] {
+				return true
+			}
+		}
+	}
+	return false
 }
