@@ -450,6 +450,11 @@ func (s *Server) Update(ctx context.Context, req *sandboxapi.ControllerUpdateReq
 	if err != nil {
 		return nil, toGRPC(err)
 	}
+	if u, ok := s.family.(Updater); ok {
+		if err := u.Update(ctx, e.sb, req.GetSandbox(), req.GetFields()); err != nil {
+			return nil, toGRPC(fmt.Errorf("update sandbox %s: %w", e.sb.ID, err))
+		}
+	}
 	prev := e.sb.Spec
 	e.sb.Spec = next
 	if err := s.store.Save(e.sb); err != nil {

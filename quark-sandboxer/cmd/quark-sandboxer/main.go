@@ -1,18 +1,86 @@
-// Command quark-sandboxer will serve quark pods; it is not built yet.
+// Command quark-sandboxer serves containerd's sandbox controller for pods
+// that run under an application kernel: gVisor (runsc, one sandbox per pod,
+// its containers served by the daemon's task service) or Quark (`quark
+// sandbox`, which serves its own task API). One daemon serves every pod of
+// the node; the engine is chosen by configuration or per pod.
 package main
 
 import (
+	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"os"
+	"path/filepath"
 
-	"github.com/kuasar-go/kuasar-go/shared/version"
+	"go.uber.org/zap"
+
+	"github.com/kuasar-go/kuasar-go/quark-sandboxer/gvisor"
+	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
+	"github.com/kuasar-go/kuasar-go/shared/controller"
+	"github.com/kuasar-go/kuasar-go/shared/daemon"
+	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
+const name = "quark-sandboxer"
+
 func main() {
-	if len(os.Args) > 1 && (os.Args[1] == "--version" || os.Args[1] == "-version") {
-		fmt.Println(version.String("quark-sandboxer"))
+	// The daemon's binary is also the gVisor pods' pause (copied into the
+	// sandbox's rootfs) and the waiter of their containers.
+	if holder.IsHolder() {
+		holder.Main()
 		return
 	}
-	fmt.Fprintln(os.Stderr, "quark-sandboxer: not built yet (see the project's issues)")
-	os.Exit(1)
+	if gvisor.IsWaiter() {
+		gvisor.WaiterMain()
+		return
+	}
+	if err := run(); err != nil {
+		if errors.Is(err, daemon.ErrVersionPrinted) {
+			return
+		}
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+		}
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	cfg := sandbox.DefaultConfig()
+	base, err := daemon.Init(name, os.Args[1:], cfg, os.Stdout, os.Stderr)
+	if err != nil {
+		return err
+	}
+	log := base.Log
+	defer log.Sync()
+	gv := gvisor.New(gvisor.Options{Config: cfg.GVisor, StateDir: base.Flags.Dir, TaskAddress: base.TaskAddress()}, log.Named("gvisor"))
+	engines := []sandbox.Engine{gv}
+	for _, e := range engines {
+		if err := e.Check(); err != nil {
+			log.Warn("engine cannot run pods until this is fixed", zap.String("engine", e.Name()), zap.Error(err))
+		}
+	}
+	family := sandbox.New(filepath.Join(base.Flags.Dir, "pods"), cfg, engines, log.Named("pods"))
+	ctrl, err := controller.New(context.Background(), family, base.Store, log.Named("controller"))
+	if err != nil {
+		return err
+	}
+	pods := sandbox.Tasks{Controller: ctrl, Family: family}
+	rt, err := gvisor.NewRuntime(gv, pods, log.Named("runsc"))
+	if err != nil {
+		return err
+	}
+	tasks, err := task.New(pods, base.Events, rt, log.Named("task"))
+	if err != nil {
+		rt.Close()
+		return err
+	}
+	defer tasks.Close()
+	if err := base.Serve(ctrl, tasks.Register); err != nil {
+		log.Error("exiting", zap.String("engine", cfg.Engine), zap.Error(err))
+		return err
+	}
+	return nil
 }

@@ -1,0 +1,108 @@
+// Package sandbox is quark-sandboxer's pod lifecycle: one sandbox family
+// whose pods run under an application kernel, with the engine (gVisor or
+// Quark) chosen per pod behind one Engine interface.
+package sandbox
+
+import (
+	"fmt"
+	"path/filepath"
+
+	"github.com/kuasar-go/kuasar-go/shared/daemon"
+)
+
+// Engine names.
+const (
+	EngineGVisor = "gvisor"
+	EngineQuark  = "quark"
+)
+
+// gVisor platforms: how the Sentry intercepts the workload's system calls.
+const (
+	PlatformSystrap = "systrap"
+	PlatformPtrace  = "ptrace"
+	PlatformKVM     = "kvm"
+)
+
+// Config is quark-sandboxer's configuration file.
+type Config struct {
+	daemon.CommonConfig
+	// Engine is the engine of pods that do not name one in the
+	// AnnotationEngine annotation: "gvisor" (default) or "quark".
+	Engine string       `toml:"engine"`
+	GVisor GVisorConfig `toml:"gvisor"`
+	Quark  QuarkConfig  `toml:"quark"`
+}
+
+// GVisorConfig configures runsc.
+type GVisorConfig struct {
+	// Binary is runsc's name on PATH or its path; default "runsc".
+	Binary string `toml:"binary"`
+	// Root is runsc's state directory (--root); default <dir>/runsc.
+	Root string `toml:"root"`
+	// Platform is systrap (default), ptrace or kvm; a pod may choose its own
+	// with the AnnotationPlatform annotation.
+	Platform string `toml:"platform"`
+	// DebugLogDir, when set, turns on runsc's debug logs, one directory per
+	// pod below it (<debug_log_dir>/<pod id>/), kept after the pod.
+	DebugLogDir string `toml:"debug_log_dir"`
+	// ExtraArgs are more global runsc flags for every call (e.g.
+	// "--overlay2=none"); they must not repeat the ones the sandboxer sets.
+	ExtraArgs []string `toml:"extra_args"`
+}
+
+// QuarkConfig configures Quark.
+type QuarkConfig struct {
+	// Binary is quark's name on PATH or its path; default "quark".
+	Binary string `toml:"binary"`
+}
+
+// DefaultConfig is the configuration without a config file.
+func DefaultConfig() *Config {
+	return &Config{
+		CommonConfig: daemon.CommonConfig{LogLevel: "info"},
+		Engine:       EngineGVisor,
+		GVisor:       GVisorConfig{Binary: "runsc", Platform: PlatformSystrap},
+		Quark:        QuarkConfig{Binary: "quark"},
+	}
+}
+
+// ValidateEngine reports whether name is a known engine.
+func ValidateEngine(name string) error {
+	switch name {
+	case EngineGVisor, EngineQuark:
+		return nil
+	}
+	return fmt.Errorf("unknown engine %q (want %q or %q)", name, EngineGVisor, EngineQuark)
+}
+
+// ValidatePlatform reports whether name is a gVisor platform.
+func ValidatePlatform(name string) error {
+	switch name {
+	case PlatformSystrap, PlatformPtrace, PlatformKVM:
+		return nil
+	}
+	return fmt.Errorf("unknown gVisor platform %q (want %s, %s or %s)", name, PlatformSystrap, PlatformPtrace, PlatformKVM)
+}
+
+// Validate reports impossible values, naming the key.
+func (c *Config) Validate() error {
+	if err := ValidateEngine(c.Engine); err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	if c.GVisor.Binary == "" {
+		return fmt.Errorf("gvisor.binary must not be empty")
+	}
+	if c.GVisor.Root != "" && !filepath.IsAbs(c.GVisor.Root) {
+		return fmt.Errorf("gvisor.root %q must be an absolute path", c.GVisor.Root)
+	}
+	if err := ValidatePlatform(c.GVisor.Platform); err != nil {
+		return fmt.Errorf("gvisor.platform: %w", err)
+	}
+	if c.GVisor.DebugLogDir != "" && !filepath.IsAbs(c.GVisor.DebugLogDir) {
+		return fmt.Errorf("gvisor.debug_log_dir %q must be an absolute path", c.GVisor.DebugLogDir)
+	}
+	if c.Quark.Binary == "" {
+		return fmt.Errorf("quark.binary must not be empty")
+	}
+	return nil
+}
