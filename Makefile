@@ -33,6 +33,8 @@ build:
 	@for s in $(SANDBOXERS); do \
 		CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/$$s-sandboxer ./$$s-sandboxer/cmd/$$s-sandboxer || exit 1; \
 	done
+	@# PID 1 of every runc/wasm pod, found beside the sandboxer binary.
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $(BIN)/kuasar-holder ./shared/cmd/kuasar-holder
 
 # Debian packages and pinned Go tools (installs only what is missing).
 deps:

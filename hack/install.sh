@@ -5,6 +5,7 @@
 #
 # For each sandboxer NAME it installs
 #   _output/bin/NAME-sandboxer           -> DESTDIR PREFIX/bin/NAME-sandboxer          (0755)
+#   _output/bin/kuasar-holder (runc, wasm) -> DESTDIR PREFIX/bin/kuasar-holder        (0755)
 #   deploy/systemd/NAME-sandboxer.service -> DESTDIR/etc/systemd/system/              (0644)
 #   deploy/config/NAME-sandboxer.toml     -> DESTDIR/etc/kuasar-go/  never overwritten (0644)
 #   deploy/containerd/NAME-sandboxer.toml -> DESTDIR/etc/containerd/conf.d/            (0644)
@@ -78,6 +79,15 @@ src_bin() { echo "$OUTPUT/bin/$1-sandboxer"; }
 src_unit() { echo "$REPO/deploy/systemd/$1-sandboxer.service"; }
 src_config() { echo "$REPO/deploy/config/$1-sandboxer.toml"; }
 src_dropin() { echo "$REPO/deploy/containerd/$1-sandboxer.toml"; }
+# Sandboxers whose pods run on the host start kuasar-holder, PID 1 of each
+# pod, from beside their own binary.
+HOLDER=kuasar-holder
+HOLDER_USERS=(runc wasm)
+uses_holder() {
+	local u
+	for u in "${HOLDER_USERS[@]}"; do [ "$u" = "$1" ] && return 0; done
+	return 1
+}
 
 # Resolve the names: "all" expands to every sandboxer with a unit under deploy/
 # (for --uninstall, to every known one); duplicates are dropped.
@@ -172,6 +182,9 @@ do_install() {
 		for f in "$(src_bin "$name")" "$(src_unit "$name")" "$(src_config "$name")" "$(src_dropin "$name")"; do
 			[ -f "$f" ] || missing+=("$f")
 		done
+		if uses_holder "$name" && [ ! -f "$OUTPUT/bin/$HOLDER" ]; then
+			missing+=("$OUTPUT/bin/$HOLDER")
+		fi
 	done
 	if [ ${#missing[@]} -gt 0 ]; then
 		for f in "${missing[@]}"; do
@@ -186,6 +199,9 @@ do_install() {
 		sed "s|/usr/local/bin/|$BINDIR/|g" "$(src_unit "$name")" >"$unit"
 
 		put "$(src_bin "$name")" "$DESTDIR$BINDIR/$name-sandboxer" 755
+		if uses_holder "$name"; then
+			put "$OUTPUT/bin/$HOLDER" "$DESTDIR$BINDIR/$HOLDER" 755
+		fi
 		put "$unit" "$DESTDIR$UNITDIR/$name-sandboxer.service" 644 \
 			"$(src_unit "$name") (ExecStart in $BINDIR)"
 		local conf="$DESTDIR$CONFDIR/$name-sandboxer.toml"
@@ -238,6 +254,14 @@ do_uninstall() {
 			echo "kept       $DESTDIR$CONFDIR/$name-sandboxer.toml (delete it by hand if no longer wanted)"
 		fi
 	done
+	# The holder goes with the last sandboxer that uses it.
+	local u still=0
+	for u in "${HOLDER_USERS[@]}"; do
+		[ -e "$DESTDIR$BINDIR/$u-sandboxer" ] && still=1
+	done
+	if [ "$still" = 0 ]; then
+		remove "$DESTDIR$BINDIR/$HOLDER"
+	fi
 	if live_systemd; then
 		run systemctl daemon-reload
 	fi

@@ -205,6 +205,7 @@ type fileWant struct {
 func TestInstallScript(t *testing.T) {
 	output := t.TempDir()
 	copyExecutable(t, filepath.Join(output, "bin", name))
+	copyExecutable(t, filepath.Join(output, "bin", "kuasar-holder"))
 	dest := t.TempDir()
 	common := []string{"--destdir", dest, "--output", output, "--prefix", "/opt/kg"}
 
@@ -213,6 +214,7 @@ func TestInstallScript(t *testing.T) {
 		{"etc/systemd/system/runc-sandboxer.service", 0o644},
 		{"etc/kuasar-go/runc-sandboxer.toml", 0o644},
 		{"etc/containerd/conf.d/runc-sandboxer.toml", 0o644},
+		{"opt/kg/bin/kuasar-holder", 0o755},
 	}
 
 	// --dry-run writes nothing.

@@ -12,7 +12,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"os/signal"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -22,14 +22,16 @@ import (
 	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	runc "github.com/containerd/go-runc"
 	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-go/kuasar-go/shared/holder/pid1"
 )
 
-// envMarker tells a re-executed sandboxer binary to act as a holder.
-const (
-	envMarker   = "KUASAR_GO_HOLDER"
-	envHostname = "KUASAR_GO_HOLDER_HOSTNAME"
-	readyFD     = 3
-)
+// envMarker tells a re-executed sandboxer binary to act as a holder, when
+// no kuasar-holder binary lies beside it.
+const envMarker = "KUASAR_GO_HOLDER"
+
+// BinaryName is the holder binary looked for beside the sandboxer's own.
+const BinaryName = "kuasar-holder"
 
 // Spec says which namespaces the holder owns.
 type Spec struct {
@@ -59,59 +61,50 @@ type Holder struct {
 // IsHolder reports whether this process was started as a holder.
 func IsHolder() bool { return os.Getenv(envMarker) == "1" }
 
-// Main is the holder's whole life. Call it first in main when IsHolder.
-func Main() {
-	// Be as small as possible: one thread of Go work and no signal but the
-	// ones handled below.
-	runtime.GOMAXPROCS(1)
-	if h := os.Getenv(envHostname); h != "" {
-		if err := unix.Sethostname([]byte(h)); err != nil {
-			fmt.Fprintf(os.Stderr, "holder: set hostname: %v\n", err)
-			os.Exit(1)
-		}
+// Main is the holder's whole life in a re-executed sandboxer binary. Call
+// it first in main when IsHolder.
+func Main() { pid1.Main() }
+
+// binary returns the program to run as holder and whether it is the
+// sandboxer itself. The separate kuasar-holder costs a pod about a quarter
+// of the memory of a re-executed sandboxer (no package initialisation of
+// gRPC, protobuf and containerd).
+func binary() (string, bool, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", false, fmt.Errorf("find own executable: %w", err)
 	}
-	sigs := make(chan os.Signal, 32)
-	signal.Notify(sigs, unix.SIGCHLD, unix.SIGTERM, unix.SIGINT)
-	signal.Ignore(unix.SIGHUP, unix.SIGPIPE)
-	ready := os.NewFile(readyFD, "ready")
-	ready.Write([]byte{1})
-	ready.Close()
-	for sig := range sigs {
-		if sig != unix.SIGCHLD {
-			os.Exit(0)
-		}
-		// Reap every orphan that was re-parented to us.
-		for {
-			var ws unix.WaitStatus
-			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
-			if pid <= 0 || err != nil {
-				break
-			}
-		}
+	candidate := filepath.Join(filepath.Dir(self), BinaryName)
+	if fi, err := os.Stat(candidate); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+		return candidate, false, nil
 	}
+	return self, true, nil
 }
 
 // Start launches a holder for spec and returns once its namespaces exist
 // and its hostname is set. The channel yields the holder's exit. The
 // process must reap through containerd's reaper (package reap).
 func Start(ctx context.Context, spec Spec) (*Holder, <-chan Exit, error) {
-	self, err := os.Executable()
+	bin, reexec, err := binary()
 	if err != nil {
-		return nil, nil, fmt.Errorf("find own executable: %w", err)
+		return nil, nil, err
 	}
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, nil, err
 	}
 	defer r.Close()
-	cmd := exec.Command(self)
-	cmd.Args = []string{"kuasar-holder"}
-	cmd.Env = []string{envMarker + "=1", "GOMAXPROCS=1"}
+	cmd := exec.Command(bin)
+	cmd.Args = []string{BinaryName}
+	cmd.Env = []string{"GOMAXPROCS=1"}
+	if reexec {
+		cmd.Env = append(cmd.Env, envMarker+"=1")
+	}
 	if spec.NewUTS && spec.Hostname != "" {
-		cmd.Env = append(cmd.Env, envHostname+"="+spec.Hostname)
+		cmd.Env = append(cmd.Env, pid1.EnvHostname+"="+spec.Hostname)
 	}
 	cmd.Dir = "/"
-	cmd.ExtraFiles = []*os.File{w} // fd 3
+	cmd.ExtraFiles = []*os.File{w} // pid1.ReadyFD
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if spec.NewPID {
 		cmd.SysProcAttr.Cloneflags |= unix.CLONE_NEWPID
