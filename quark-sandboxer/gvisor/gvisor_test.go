@@ -3,7 +3,6 @@ package gvisor_test
 import (
 	"context"
 	"encoding/json"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -14,25 +13,17 @@ import (
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	sandboxapi "github.com/containerd/containerd/api/services/sandbox/v1"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/ttrpc"
-	"github.com/containerd/typeurl/v2"
-	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/gvisor"
+	"github.com/kuasar-go/kuasar-go/quark-sandboxer/internal/testrig"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
 	"github.com/kuasar-go/kuasar-go/shared/cgroup"
-	"github.com/kuasar-go/kuasar-go/shared/controller"
-	"github.com/kuasar-go/kuasar-go/shared/daemon"
-	"github.com/kuasar-go/kuasar-go/shared/events"
-	"github.com/kuasar-go/kuasar-go/shared/reap"
-	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
 )
@@ -68,6 +59,7 @@ func run(m *testing.M) int {
 }
 
 type rig struct {
+	*testrig.Rig
 	dir   string
 	root  string
 	ctrl  sandboxapi.ControllerClient
@@ -84,104 +76,32 @@ func newRig(t *testing.T, mutate func(*sandbox.Config)) *rig {
 	if pauseBinary == "" {
 		t.Skip("no static pause binary (needs the go toolchain)")
 	}
-	log := zaptest.NewLogger(t)
-	dir, err := os.MkdirTemp("/tmp", "kg-gvisor-unit-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := reap.Start(log); err != nil {
-		t.Fatal(err)
-	}
-	st, err := store.Open(filepath.Join(dir, "sandboxes"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	cfg := sandbox.DefaultConfig()
 	cfg.GVisor.Binary = runsc
 	if mutate != nil {
 		mutate(cfg)
 	}
-	taskSock := filepath.Join(dir, "task.sock")
-	gv := gvisor.New(gvisor.Options{Config: cfg.GVisor, StateDir: dir, TaskAddress: "ttrpc+unix://" + taskSock, Pause: pauseBinary}, log)
-	family := sandbox.New(filepath.Join(dir, "pods"), cfg, []sandbox.Engine{gv}, log)
-	srv, err := controller.New(context.Background(), family, st, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pods := sandbox.Tasks{Controller: srv, Family: family}
-	rt, err := gvisor.NewRuntime(gv, pods, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fwd := events.NewForwarder(filepath.Join(dir, "no-containerd.sock"), log)
-	t.Cleanup(func() { fwd.Close() })
-	tasks, err := task.New(pods, fwd, rt, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tasks.Close() })
-
-	gl, err := daemon.ListenUnix(filepath.Join(dir, "ctrl.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer()
-	sandboxapi.RegisterControllerServer(g, srv)
-	go g.Serve(gl)
-	t.Cleanup(g.Stop)
-	tl, err := daemon.ListenUnix(taskSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ts, err := ttrpc.NewServer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tasks.Register(ts)
-	go ts.Serve(context.Background(), tl)
-	t.Cleanup(func() { ts.Close() })
-
-	conn, err := grpc.NewClient("unix://"+filepath.Join(dir, "ctrl.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	tc, err := net.Dial("unix", taskSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tcl := ttrpc.NewClient(tc)
-	t.Cleanup(func() { tcl.Close() })
-	r := &rig{dir: dir, root: filepath.Join(dir, "runsc"), ctrl: sandboxapi.NewControllerClient(conn), tasks: taskAPI.NewTTRPCTaskClient(tcl)}
-	// Whatever a failing test left: stop and remove every pod.
-	t.Cleanup(func() {
-		ctx := context.Background()
-		for _, id := range srv.IDs() {
-			r.ctrl.Shutdown(ctx, &sandboxapi.ControllerShutdownRequest{SandboxID: id})
-		}
+	var gv *gvisor.Engine
+	r := testrig.New(t, testrig.Setup{
+		Config: cfg,
+		Engines: func(dir, taskAddress string, log *zap.Logger) []sandbox.Engine {
+			gv = gvisor.New(gvisor.Options{Config: cfg.GVisor, StateDir: dir, TaskAddress: taskAddress, Pause: pauseBinary}, log)
+			return []sandbox.Engine{gv}
+		},
+		Runtime: func(pods sandbox.Tasks, log *zap.Logger) (task.Runtime, error) {
+			return gvisor.NewRuntime(gv, pods, log)
+		},
 	})
-	return r
+	return &rig{Rig: r, dir: r.Dir, root: filepath.Join(r.Dir, "runsc"), ctrl: r.Ctrl, tasks: r.Tasks}
 }
 
 func podOptions(t *testing.T, cfg *runtimeapi.PodSandboxConfig) *anypb.Any {
-	t.Helper()
-	a, err := typeurl.MarshalAnyToProto(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a
+	return testrig.PodOptions(t, cfg)
 }
 
 func wantCode(t *testing.T, what string, err error, code codes.Code, mention string) {
 	t.Helper()
-	if status.Code(err) != code {
-		t.Errorf("%s: got %v (%v), want %v", what, status.Code(err), err, code)
-		return
-	}
-	if mention != "" && !strings.Contains(err.Error(), mention) {
-		t.Errorf("%s: error %q does not name %q", what, err, mention)
-	}
+	testrig.WantCode(t, what, err, code, mention)
 }
 
 // leftovers lists what a pod may leave: host processes naming it, runsc

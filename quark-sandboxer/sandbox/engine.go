@@ -32,6 +32,8 @@ type Pod struct {
 	// Cgroup is where the engine places the sandbox's processes, when the
 	// engine uses one (gVisor); the family creates and removes its parent.
 	Cgroup string
+	// Running tells whether the sandbox runs (Update may add containers).
+	Running bool
 	// Platform is the gVisor platform chosen for the pod.
 	Platform string
 	// State is the engine's own record of the pod, persisted with the pod.

@@ -110,6 +110,7 @@ func (f *Family) pod(sb *store.Sandbox, st state) (*Pod, error) {
 		Dir:       filepath.Join(f.dir, sb.ID),
 		NetnsPath: sb.NetnsPath,
 		Config:    cfg,
+		Running:   sb.State == store.StateRunning,
 		Platform:  st.Platform,
 		State:     st.EngineState,
 	}

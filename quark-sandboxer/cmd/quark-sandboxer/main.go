@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/gvisor"
+	"github.com/kuasar-go/kuasar-go/quark-sandboxer/quark"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
@@ -56,7 +57,7 @@ func run() error {
 	log := base.Log
 	defer log.Sync()
 	gv := gvisor.New(gvisor.Options{Config: cfg.GVisor, StateDir: base.Flags.Dir, TaskAddress: base.TaskAddress()}, log.Named("gvisor"))
-	engines := []sandbox.Engine{gv}
+	engines := []sandbox.Engine{gv, quark.New(cfg.Quark, log.Named("quark"))}
 	for _, e := range engines {
 		if err := e.Check(); err != nil {
 			log.Warn("engine cannot run pods until this is fixed", zap.String("engine", e.Name()), zap.Error(err))
