@@ -14,6 +14,7 @@ import (
 
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
 )
 
@@ -162,6 +163,61 @@ func TestE2EGVisorPodLifecycle(t *testing.T) {
 	env.AssertNoLeaks(t, before, 15*time.Second)
 	t.Logf("RunPodSandbox %v; pod + container to first log line %v; stop+remove pod %v",
 		tPod.Round(time.Millisecond), tFirstLog.Round(time.Millisecond), tRemove.Round(time.Millisecond))
+}
+
+// TestE2EGVisorPerPodChoicesAndBadInput: a pod picks its gVisor platform
+// by annotation; an unknown platform, and an engine whose binary is
+// missing, fail RunPodSandbox with the cause; the daemon keeps serving
+// pods and nothing is left behind.
+func TestE2EGVisorPerPodChoicesAndBadInput(t *testing.T) {
+	env := startEnv(t, "[quark]\nbinary = \"/nonexistent/quark\"\n")
+	before := env.Snapshot()
+
+	for _, tc := range []struct {
+		name        string
+		annotations map[string]string
+		mention     string
+	}{
+		{name: "unknown platform", annotations: map[string]string{sandbox.AnnotationPlatform: "hypervisor"}, mention: `unknown gVisor platform "hypervisor"`},
+		{name: "unknown engine", annotations: map[string]string{sandbox.AnnotationEngine: "kata"}, mention: `unknown engine "kata"`},
+		{name: "missing quark binary", annotations: map[string]string{sandbox.AnnotationEngine: sandbox.EngineQuark}, mention: `Quark binary "/nonexistent/quark" not found`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := env.PodConfig()
+			cfg.Annotations = tc.annotations
+			_, err := env.TryRunPod(handler, cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.mention) {
+				t.Errorf("RunPodSandbox: %v; want an error naming %s", err, tc.mention)
+			}
+		})
+	}
+
+	// A pod on the ptrace platform, chosen by annotation.
+	podCfg := env.PodConfig()
+	podCfg.Annotations = map[string]string{sandbox.AnnotationPlatform: sandbox.PlatformPtrace}
+	podID := env.RunPod(t, handler, podCfg)
+	if cmd := hostProcessesRunning("runsc-sandbox"); !anyContains(cmd, podID) || !anyContains(cmd, "--platform=ptrace") {
+		t.Errorf("no ptrace sandbox for pod %s: %v", podID, cmd)
+	}
+	ctr := testenv.ContainerConfig("ptrace", "sh", "-c", "dmesg | head -1; echo ptrace-ok")
+	ctrID := env.CreateStartContainer(t, podID, podCfg, ctr)
+	if log := env.WaitLog(t, podCfg, ctr, "ptrace-ok", 20*time.Second); !strings.Contains(log, "Starting gVisor") {
+		t.Errorf("container log under ptrace: %q", log)
+	}
+	if code := env.WaitContainerExited(t, ctrID, 20*time.Second); code != 0 {
+		t.Errorf("exit code %d", code)
+	}
+	env.StopRemovePod(t, podID)
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
+
+func anyContains(list []string, s string) bool {
+	for _, x := range list {
+		if strings.Contains(x, s) {
+			return true
+		}
+	}
+	return false
 }
 
 func contains(list []string, s string) bool {

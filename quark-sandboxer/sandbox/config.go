@@ -6,6 +6,8 @@ package sandbox
 import (
 	"fmt"
 	"path/filepath"
+	"slices"
+	"strings"
 
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 )
@@ -56,6 +58,9 @@ type QuarkConfig struct {
 	Binary string `toml:"binary"`
 }
 
+// reservedRunscFlags are the runsc flags the daemon sets itself.
+var reservedRunscFlags = []string{"root", "log", "log-format", "platform", "network", "debug", "debug-log"}
+
 // DefaultConfig is the configuration without a config file.
 func DefaultConfig() *Config {
 	return &Config{
@@ -100,6 +105,15 @@ func (c *Config) Validate() error {
 	}
 	if c.GVisor.DebugLogDir != "" && !filepath.IsAbs(c.GVisor.DebugLogDir) {
 		return fmt.Errorf("gvisor.debug_log_dir %q must be an absolute path", c.GVisor.DebugLogDir)
+	}
+	for _, a := range c.GVisor.ExtraArgs {
+		name, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") {
+			return fmt.Errorf("gvisor.extra_args: %q is not a flag", a)
+		}
+		if slices.Contains(reservedRunscFlags, name) {
+			return fmt.Errorf("gvisor.extra_args: --%s is set by the daemon (use gvisor.%s or leave it)", name, name)
+		}
 	}
 	if c.Quark.Binary == "" {
 		return fmt.Errorf("quark.binary must not be empty")

@@ -20,6 +20,9 @@ func TestConfigValidate(t *testing.T) {
 		{name: "empty runsc", mutate: func(c *Config) { c.GVisor.Binary = "" }, want: "gvisor.binary"},
 		{name: "relative root", mutate: func(c *Config) { c.GVisor.Root = "runsc" }, want: "gvisor.root"},
 		{name: "relative debug logs", mutate: func(c *Config) { c.GVisor.DebugLogDir = "logs" }, want: "gvisor.debug_log_dir"},
+		{name: "extra runsc flag", mutate: func(c *Config) { c.GVisor.ExtraArgs = []string{"--overlay2=none"} }},
+		{name: "extra args repeat the platform", mutate: func(c *Config) { c.GVisor.ExtraArgs = []string{"--platform=kvm"} }, want: "--platform is set by the daemon"},
+		{name: "extra args not a flag", mutate: func(c *Config) { c.GVisor.ExtraArgs = []string{"kvm"} }, want: `"kvm" is not a flag`},
 		{name: "empty quark", mutate: func(c *Config) { c.Quark.Binary = "" }, want: "quark.binary"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
