@@ -30,8 +30,10 @@ all: build
 
 build:
 	@mkdir -p $(BIN)
+	@# Static Go binaries, but wasm-sandboxer links wasmtime's static library (cgo).
 	@for s in $(SANDBOXERS); do \
-		CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/$$s-sandboxer ./$$s-sandboxer/cmd/$$s-sandboxer || exit 1; \
+		cgo=0; [ $$s = wasm ] && cgo=1; \
+		CGO_ENABLED=$$cgo $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/$$s-sandboxer ./$$s-sandboxer/cmd/$$s-sandboxer || exit 1; \
 	done
 	@# PID 1 of every runc/wasm pod, found beside the sandboxer binary.
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $(BIN)/kuasar-holder ./shared/cmd/kuasar-holder

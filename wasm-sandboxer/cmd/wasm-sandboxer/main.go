@@ -1,18 +1,28 @@
-// Command wasm-sandboxer will serve wasm pods; it is not built yet.
+// Command wasm-sandboxer serves containerd's sandbox controller and task
+// APIs for pods whose containers are WebAssembly (WASI) modules, run by
+// wasmtime, wazero or WasmEdge in a process per container inside the pod's
+// namespaces and cgroup: one daemon for every pod of the node.
 package main
 
 import (
-	"fmt"
-	"os"
-
-	"github.com/kuasar-go/kuasar-go/shared/version"
+	"github.com/kuasar-go/kuasar-go/shared/daemon"
+	"github.com/kuasar-go/kuasar-go/shared/hostpod"
+	"github.com/kuasar-go/kuasar-go/shared/task"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/sandbox"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/wasmrt"
 )
 
 func main() {
-	if len(os.Args) > 1 && (os.Args[1] == "--version" || os.Args[1] == "-version") {
-		fmt.Println(version.String("wasm-sandboxer"))
+	// A container's module process (or a compiler) is this binary too.
+	if wasmrt.IsChild() {
+		wasmrt.ChildMain()
 		return
 	}
-	fmt.Fprintln(os.Stderr, "wasm-sandboxer: not built yet (see the project's issues)")
-	os.Exit(1)
+	cfg := sandbox.DefaultConfig()
+	hostpod.Main("wasm-sandboxer", cfg, func(base *daemon.Base) (task.Runtime, error) {
+		return wasmrt.New(wasmrt.Config{
+			Engine:   cfg.Wasm.Engine,
+			CacheDir: cfg.ResolvedCacheDir(base.Flags.Dir),
+		}, base.Log.Named("wasm"))
+	})
 }
