@@ -104,11 +104,11 @@ type runConfig struct {
 	Args   []string `json:"args"`
 	Env    []string `json:"env,omitempty"`
 	// Stdin, Stdout and Stderr are containerd's FIFOs ("" keeps /dev/null).
-	Stdin  string `json:"stdin,omitempty"`
-	Stdout string `json:"stdout,omitempty"`
-	Stderr string `json:"stderr,omitempty"`
-	UID    uint32 `json:"uid,omitempty"`
-	GID    uint32 `json:"gid,omitempty"`
+	Stdin  string   `json:"stdin,omitempty"`
+	Stdout string   `json:"stdout,omitempty"`
+	Stderr string   `json:"stderr,omitempty"`
+	UID    uint32   `json:"uid,omitempty"`
+	GID    uint32   `json:"gid,omitempty"`
 	Groups []uint32 `json:"groups,omitempty"`
 	// MemoryLimit is the container's memory limit in bytes (0: none).
 	MemoryLimit uint64 `json:"memory_limit,omitempty"`
@@ -236,4 +236,3 @@ func prepare(cfg runConfig) (engine.Instance, bool, error) {
 	}
 	return inst, m.Cached(), nil
 }
-
