@@ -2,11 +2,17 @@
 package e2e
 
 import (
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
@@ -111,9 +117,218 @@ func TestE2EWasmPod(t *testing.T) {
 			if st := env.ContainerStatus(t, longID); st.State != runtime.ContainerState_CONTAINER_EXITED || st.ExitCode != 143 {
 				t.Errorf("after StopContainer: %v exit %d, want EXITED 143 (SIGTERM)", st.State, st.ExitCode)
 			}
+			// Three module processes, one compile: the others loaded the
+			// compiled module from the cache.
+			if n := compiles(t, env, eng); n != 1 {
+				t.Errorf("%s compiled the test program %d times, want once", eng, n)
+			}
 			env.StopRemovePod(t, podID)
 			env.AssertNoLeaks(t, before, 15*time.Second)
-			t.Logf("%s: pod + first container run to exit %v", eng, tFirst.Round(time.Millisecond))
+			t.Logf("%s: pod + first container run to exit %v (compile included)", eng, tFirst.Round(time.Millisecond))
 		})
 	}
+}
+
+// compiles counts the daemon's "module compiled" log lines for an engine.
+func compiles(t *testing.T, env *testenv.Env, eng string) int {
+	t.Helper()
+	b, err := os.ReadFile(env.LogPath(handler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "module compiled") && strings.Contains(l, `"engine":"`+eng+`"`) {
+			n++
+		}
+	}
+	return n
+}
+
+// taskPid returns a running container's init PID as containerd knows it.
+func taskPid(t *testing.T, env *testenv.Env, id string) int {
+	t.Helper()
+	out, err := env.Ctr("tasks", "ls")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) >= 3 && f[0] == id {
+			pid, err := strconv.Atoi(f[1])
+			if err != nil {
+				t.Fatalf("tasks ls: %q", l)
+			}
+			return pid
+		}
+	}
+	t.Fatalf("task %s not listed:\n%s", id, out)
+	return 0
+}
+
+func nsLink(t *testing.T, pid int, ns string) string {
+	t.Helper()
+	l, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", pid, ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// TestE2EWasmIsolation: the module processes of a pod's containers share
+// the pod's network, PID, IPC and UTS namespaces (not the node's), each
+// sits in its own cgroup below the pod's, a memory limit holds (a module
+// allocating past it fails, a smaller one succeeds), and pause, resume,
+// ps and kill work through containerd's own client.
+func TestE2EWasmIsolation(t *testing.T) {
+	env := startEnv(t, "")
+	before := env.Snapshot()
+	for _, eng := range engines() {
+		t.Run(eng, func(t *testing.T) {
+			podCfg := podWithEngine(env, eng)
+			podID := env.RunPod(t, handler, podCfg)
+			a := wasmContainer("a", "forever")
+			aID := env.CreateStartContainer(t, podID, podCfg, a)
+			b := wasmContainer("b", "forever")
+			bID := env.CreateStartContainer(t, podID, podCfg, b)
+			env.WaitLog(t, podCfg, a, "running until killed", 30*time.Second)
+			env.WaitLog(t, podCfg, b, "running until killed", 30*time.Second)
+			pa, pb := taskPid(t, env, aID), taskPid(t, env, bID)
+			for _, ns := range []string{"net", "pid", "ipc", "uts"} {
+				la, lb, host := nsLink(t, pa, ns), nsLink(t, pb, ns), nsLink(t, os.Getpid(), ns)
+				if la != lb || la == host {
+					t.Errorf("%s namespace: container a %s, b %s, node %s; want a = b != node", ns, la, lb, host)
+				}
+			}
+			cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pa))
+			if !strings.Contains(string(cg), "/"+aID+"\n") || !strings.Contains(string(cg), podID) {
+				t.Errorf("container a is not in its cgroup below the pod %s:\n%s", podID, cg)
+			}
+
+			// ctr: ps, pause, resume, kill.
+			if ps, err := env.Ctr("tasks", "ps", aID); err != nil || !strings.Contains(ps, strconv.Itoa(pa)) {
+				t.Errorf("tasks ps: %q %v", ps, err)
+			}
+			if _, err := env.Ctr("tasks", "pause", aID); err != nil {
+				t.Fatalf("pause: %v", err)
+			}
+			if ls, _ := env.Ctr("tasks", "ls"); !regexp.MustCompile(aID + `\s+\d+\s+PAUSED`).MatchString(ls) {
+				t.Errorf("after pause, tasks ls:\n%s", ls)
+			}
+			if _, err := env.Ctr("tasks", "resume", aID); err != nil {
+				t.Fatalf("resume: %v", err)
+			}
+			if _, err := env.Ctr("tasks", "kill", "--signal", "SIGKILL", aID); err != nil {
+				t.Fatalf("kill: %v", err)
+			}
+			if code := env.WaitContainerExited(t, aID, 20*time.Second); code != 137 {
+				t.Errorf("exit code after SIGKILL %d, want 137", code)
+			}
+
+			// Memory: 96 MiB for the container.
+			const limit = 96 << 20
+			for _, tc := range []struct {
+				mib     string
+				succeed bool
+			}{{"16", true}, {"256", false}} {
+				c := wasmContainer("alloc-"+tc.mib, "alloc", tc.mib)
+				c.Linux = &runtime.LinuxContainerConfig{Resources: &runtime.LinuxContainerResources{MemoryLimitInBytes: limit}}
+				id := env.CreateStartContainer(t, podID, podCfg, c)
+				code := env.WaitContainerExited(t, id, 60*time.Second)
+				log := env.ReadLog(t, podCfg, c)
+				allocated := strings.Contains(log, "allocated "+tc.mib+" MiB")
+				if tc.succeed != (code == 0 && allocated) {
+					t.Errorf("alloc %s MiB under a %d MiB limit: exit %d, log %q", tc.mib, limit>>20, code, log)
+				}
+				t.Logf("alloc %s MiB under a %d MiB limit: exit %d, reason %q, log %q", tc.mib, limit>>20, code, env.ContainerStatus(t, id).Reason, log)
+			}
+			env.StopRemovePod(t, podID)
+		})
+	}
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
+
+// TestE2EWasmBadInput: what cannot run fails clearly (StartContainer's
+// error or the exit code and log), leaves nothing behind, and the pod goes
+// on running containers.
+func TestE2EWasmBadInput(t *testing.T) {
+	env := startEnv(t, "")
+	before := env.Snapshot()
+	podCfg := env.PodConfig()
+	podID := env.RunPod(t, handler, podCfg)
+	ctx := t.Context()
+
+	startErrors := []struct {
+		name    string
+		cfg     *runtime.ContainerConfig
+		wantErr string
+	}{
+		{"missing module", wasmContainer("missing"), "not found in the container's rootfs"},
+		{"not wasm", func() *runtime.ContainerConfig {
+			c := wasmContainer("notwasm")
+			c.Command = []string{"/notwasm.wasm"}
+			return c
+		}(), "is not a WebAssembly module"},
+		{"import the engine lacks", func() *runtime.ContainerConfig {
+			c := wasmContainer("badimport")
+			c.Command = []string{"/badimport.wasm"}
+			return c
+		}(), "nosuch"},
+		{"unknown engine", func() *runtime.ContainerConfig {
+			c := wasmContainer("unknown-engine", "echo", "never")
+			c.Annotations = map[string]string{wasmrt.EngineAnnotation: "nosuch"}
+			return c
+		}(), `unknown wasm engine "nosuch"`},
+		{"terminal", func() *runtime.ContainerConfig {
+			c := wasmContainer("tty", "echo", "never")
+			c.Tty = true
+			return c
+		}(), "no terminal"},
+	}
+	for _, tc := range startErrors {
+		if tc.name == "missing module" {
+			tc.cfg.Command = []string{"/nosuch.wasm"}
+		}
+		id := env.CreateContainer(t, podID, podCfg, tc.cfg)
+		_, err := env.Runtime.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: id})
+		if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+			t.Errorf("%s: StartContainer error %v, want %q", tc.name, err, tc.wantErr)
+		}
+		if status.Code(err) != codes.InvalidArgument {
+			t.Errorf("%s: StartContainer error code %v, want InvalidArgument", tc.name, status.Code(err))
+		}
+		if _, err := env.Runtime.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: id}); err != nil {
+			t.Errorf("%s: RemoveContainer: %v", tc.name, err)
+		}
+	}
+
+	// A module that traps runs and exits non-zero, saying why.
+	trap := wasmContainer("trap")
+	trap.Command = []string{"/trap.wasm"}
+	trapID := env.CreateStartContainer(t, podID, podCfg, trap)
+	if code := env.WaitContainerExited(t, trapID, 30*time.Second); code != wasmrt.ExitTrap {
+		t.Errorf("trapping module: exit %d, want %d", code, wasmrt.ExitTrap)
+	}
+	if log := env.ReadLog(t, podCfg, trap); !strings.Contains(log, "wasm trap") || !strings.Contains(log, "unreachable") {
+		t.Errorf("trapping module's log: %q", log)
+	}
+
+	// ExecSync of a module that is not there fails without harming the container.
+	long := wasmContainer("long", "forever")
+	longID := env.CreateStartContainer(t, podID, podCfg, long)
+	if _, err := env.Runtime.ExecSync(ctx, &runtime.ExecSyncRequest{ContainerId: longID, Cmd: []string{"/nosuch.wasm"}, Timeout: 10}); err == nil || !strings.Contains(err.Error(), "not found") {
+		t.Errorf("ExecSync of a missing module: %v", err)
+	}
+
+	// The pod still works.
+	ok := wasmContainer("after", "echo", "still-fine")
+	okID := env.CreateStartContainer(t, podID, podCfg, ok)
+	if code := env.WaitContainerExited(t, okID, 30*time.Second); code != 0 || !strings.Contains(env.ReadLog(t, podCfg, ok), "still-fine") {
+		t.Errorf("container after bad input: exit %d, log %q", code, env.ReadLog(t, podCfg, ok))
+	}
+	if out, _, code := env.ExecSync(t, longID, 10*time.Second, "/app.wasm", "echo", "exec-fine"); code != 0 || out != "exec-fine\n" {
+		t.Errorf("exec after bad input: %q exit %d", out, code)
+	}
+	env.StopRemovePod(t, podID)
+	env.AssertNoLeaks(t, before, 15*time.Second)
 }
