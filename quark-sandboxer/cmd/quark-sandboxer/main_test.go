@@ -1,0 +1,47 @@
+package main
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
+)
+
+// TestQuarkDaemonRefusesBadConfig runs the built daemon as a user would:
+// it prints its version, and a bad config stops it with an error naming
+// the key, before it listens.
+func TestQuarkDaemonRefusesBadConfig(t *testing.T) {
+	bin := testenv.Binary("quark-sandboxer")
+	testenv.RequireFiles(t, bin)
+	out, err := exec.Command(bin, "--version").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "quark-sandboxer ") {
+		t.Errorf("--version: %q, %v", out, err)
+	}
+	for _, tc := range []struct {
+		name, config, want string
+	}{
+		{name: "unknown platform", config: "[gvisor]\nplatform = \"hypervisor\"\n", want: `gvisor.platform: unknown gVisor platform "hypervisor"`},
+		{name: "unknown engine", config: "engine = \"kata\"\n", want: `engine: unknown engine "kata"`},
+		{name: "unknown key", config: "[gvisor]\nplatfrom = \"ptrace\"\n", want: "platfrom"},
+		{name: "reserved runsc flag", config: "[gvisor]\nextra_args = [\"--network=host\"]\n", want: "--network is set by the daemon"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			cfg := filepath.Join(dir, "quark-sandboxer.toml")
+			if err := os.WriteFile(cfg, []byte(tc.config), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(bin, "--config", cfg, "--dir", filepath.Join(dir, "state"), "--listen", filepath.Join(dir, "ctrl.sock"))
+			out, err := cmd.CombinedOutput()
+			if code := cmd.ProcessState.ExitCode(); err == nil || code != 1 || !strings.Contains(string(out), tc.want) {
+				t.Errorf("exit %d (%v), output %q; want exit 1 naming %q", code, err, out, tc.want)
+			}
+			if _, err := os.Stat(filepath.Join(dir, "ctrl.sock")); err == nil {
+				t.Errorf("the daemon listened despite a bad config")
+			}
+		})
+	}
+}
