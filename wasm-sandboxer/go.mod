@@ -15,6 +15,7 @@ require (
 	github.com/cyphar/filepath-securejoin v0.7.0
 	github.com/kuasar-go/kuasar-go/shared v0.0.0
 	github.com/opencontainers/runtime-spec v1.3.0
+	github.com/second-state/WasmEdge-go v0.14.0
 	github.com/tetratelabs/wazero v1.12.0
 	go.uber.org/zap v1.28.0
 	golang.org/x/sys v0.48.0
