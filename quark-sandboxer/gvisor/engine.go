@@ -80,9 +80,17 @@ func New(opts Options, log *zap.Logger) *Engine {
 			e.rootfsErr = fmt.Errorf("find own executable for the pause: %w", err)
 			return e
 		}
+		// The small kuasar-holder when it lies beside the daemon (as for
+		// runc pods), else the daemon itself acting as holder.
 		e.opts.Pause = self
 		e.opts.PauseEnv = []string{"KUASAR_GO_HOLDER=1", "GOMAXPROCS=1"}
+		small := filepath.Join(filepath.Dir(self), holder.BinaryName)
+		if fi, err := os.Stat(small); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+			e.opts.Pause = small
+			e.opts.PauseEnv = []string{"GOMAXPROCS=1"}
+		}
 	}
+	log.Debug("gVisor pause", zap.String("binary", e.opts.Pause))
 	if err := prepareRootfs(e.rootfs, e.opts.Pause); err != nil {
 		e.rootfsErr = fmt.Errorf("prepare the sandbox rootfs %s: %w", e.rootfs, err)
 	}

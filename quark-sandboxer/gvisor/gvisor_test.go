@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -234,6 +235,20 @@ func TestGVisorMissingRunsc(t *testing.T) {
 	_, err := r.ctrl.Create(context.Background(), &sandboxapi.ControllerCreateRequest{SandboxID: "no-runsc"})
 	wantCode(t, "Create", err, codes.FailedPrecondition, "/nonexistent/runsc")
 	r.assertNothingLeft(t, "no-runsc")
+}
+
+// TestGVisorPauseMustBeStatic: a dynamically linked pause cannot run in
+// the sandbox; pods are refused, naming it.
+func TestGVisorPauseMustBeStatic(t *testing.T) {
+	testenv.RequireRoot(t)
+	dynamic := "/bin/true"
+	if out, err := exec.Command("ldd", dynamic).CombinedOutput(); err != nil || strings.Contains(string(out), "not a dynamic") {
+		t.Skipf("%s is not dynamically linked here", dynamic)
+	}
+	e := gvisor.New(gvisor.Options{Config: sandbox.DefaultConfig().GVisor, StateDir: t.TempDir(), Pause: dynamic}, zap.NewNop())
+	if err := e.Check(); err == nil || !strings.Contains(err.Error(), "dynamically linked") || !strings.Contains(err.Error(), dynamic) {
+		t.Errorf("Check with a dynamic pause: %v", err)
+	}
 }
 
 // TestGVisorFailedStartLeavesNothing: runsc fails to start a pod's sandbox

@@ -14,7 +14,8 @@ const pauseName = "/kuasar-pause"
 // prepareRootfs makes the read-only rootfs every pod's sandbox container
 // runs from: a copy of the pause binary (by default the daemon itself,
 // which acts as the shared holder: PID 1 that reaps and exits on SIGTERM)
-// and the mount points the sandbox container's spec names. runsc can only
+// (or the small kuasar-holder beside it) and the mount points the sandbox
+// container's spec names. runsc can only
 // run programs from the container's rootfs, so the binary is copied, once
 // per daemon start and only when it changed.
 func prepareRootfs(dir, pause string) error {
