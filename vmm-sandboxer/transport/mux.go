@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -142,13 +143,20 @@ func (m *MuxServer) ServeConn(conn io.ReadWriteCloser) error {
 	for {
 		st, err := s.AcceptStream()
 		if err != nil {
-			if errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, io.EOF) {
+			if hostLeft(err) {
 				return nil
 			}
 			return fmt.Errorf("transport: accept: %w", err)
 		}
 		go m.route(st)
 	}
+}
+
+// hostLeft tells the host closing its end of the link (which reads as EOF,
+// or as a reset when data was still in flight) from real failures.
+func hostLeft(err error) bool {
+	return errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, io.EOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, net.ErrClosed)
 }
 
 func (m *MuxServer) route(st *yamux.Stream) {
