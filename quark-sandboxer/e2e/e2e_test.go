@@ -211,6 +211,25 @@ func TestE2EGVisorPerPodChoicesAndBadInput(t *testing.T) {
 	env.AssertNoLeaks(t, before, 15*time.Second)
 }
 
+// TestE2EGVisorTerminalContainer: a container with a terminal (CRI tty)
+// gets one on stdin and stdout from runsc's console socket; its output
+// reaches the CRI log and its exit code passes through.
+func TestE2EGVisorTerminalContainer(t *testing.T) {
+	env := startEnv(t, "")
+	before := env.Snapshot()
+	podCfg := env.PodConfig()
+	podID := env.RunPod(t, handler, podCfg)
+	ctr := testenv.ContainerConfig("tty", "sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo terminal-ok; exit 4")
+	ctr.Tty = true
+	id := env.CreateStartContainer(t, podID, podCfg, ctr)
+	env.WaitLog(t, podCfg, ctr, "terminal-ok", 20*time.Second)
+	if code := env.WaitContainerExited(t, id, 20*time.Second); code != 4 {
+		t.Errorf("exit code %d, want 4", code)
+	}
+	env.StopRemovePod(t, podID)
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
+
 func anyContains(list []string, s string) bool {
 	for _, x := range list {
 		if strings.Contains(x, s) {
