@@ -25,6 +25,9 @@ import (
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/internal/testrig"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
 	"github.com/kuasar-go/kuasar-go/shared/cgroup"
+	"github.com/kuasar-go/kuasar-go/shared/controller"
+	"github.com/kuasar-go/kuasar-go/shared/reap"
+	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
 )
@@ -346,4 +349,63 @@ func TestGVisorTaskBadInput(t *testing.T) {
 		}
 		r.assertNothingLeft(t, id)
 	}
+}
+
+// TestGVisorPodSurvivesDaemonRestart: a second controller over the same
+// state (a restarted daemon) finds the running pod, watches its sandbox,
+// stops and removes it.
+func TestGVisorPodSurvivesDaemonRestart(t *testing.T) {
+	testenv.RequireRoot(t)
+	runsc := testenv.Binary("runsc")
+	testenv.RequireFiles(t, runsc)
+	if pauseBinary == "" {
+		t.Skip("no static pause binary")
+	}
+	dir := t.TempDir()
+	log := zap.NewNop()
+	cfg := sandbox.DefaultConfig()
+	cfg.GVisor.Binary = runsc
+	daemon := func() *controller.Server {
+		st, err := store.Open(filepath.Join(dir, "sandboxes"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		gv := gvisor.New(gvisor.Options{Config: cfg.GVisor, StateDir: dir, TaskAddress: "ttrpc+unix://" + filepath.Join(dir, "task.sock"), Pause: pauseBinary}, log)
+		srv, err := controller.New(context.Background(), sandbox.New(filepath.Join(dir, "pods"), cfg, []sandbox.Engine{gv}, log), st, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return srv
+	}
+	if err := reap.Start(log); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	const id = "survivor"
+	first := daemon()
+	if _, err := first.Create(ctx, &sandboxapi.ControllerCreateRequest{SandboxID: id}); err != nil {
+		t.Fatal(err)
+	}
+	started, err := first.Start(ctx, &sandboxapi.ControllerStartRequest{SandboxID: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { first.Shutdown(ctx, &sandboxapi.ControllerShutdownRequest{SandboxID: id}) })
+
+	second := daemon()
+	st, err := second.Status(ctx, &sandboxapi.ControllerStatusRequest{SandboxID: id})
+	if err != nil || st.State != "SANDBOX_READY" || st.Pid != started.Pid {
+		t.Fatalf("restarted daemon: Status = %+v, %v; want READY, pid %d", st, err, started.Pid)
+	}
+	if _, err := second.Stop(ctx, &sandboxapi.ControllerStopRequest{SandboxID: id}); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	if st, err := second.Status(ctx, &sandboxapi.ControllerStatusRequest{SandboxID: id}); err != nil || st.State != "SANDBOX_NOTREADY" {
+		t.Errorf("after Stop: %+v, %v", st, err)
+	}
+	if _, err := second.Shutdown(ctx, &sandboxapi.ControllerShutdownRequest{SandboxID: id}); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	r := &rig{dir: dir, root: filepath.Join(dir, "runsc")}
+	r.assertNothingLeft(t, id)
 }
