@@ -5,7 +5,7 @@
 #
 # For each sandboxer NAME it installs
 #   _output/bin/NAME-sandboxer           -> DESTDIR PREFIX/bin/NAME-sandboxer          (0755)
-#   _output/bin/kuasar-holder (runc, wasm) -> DESTDIR PREFIX/bin/kuasar-holder        (0755)
+#   _output/bin/kuasar-holder (runc, wasm, quark) -> DESTDIR PREFIX/bin/kuasar-holder (0755)
 #   deploy/systemd/NAME-sandboxer.service -> DESTDIR/etc/systemd/system/              (0644)
 #   deploy/config/NAME-sandboxer.toml     -> DESTDIR/etc/kuasar-go/  never overwritten (0644)
 #   deploy/containerd/NAME-sandboxer.toml -> DESTDIR/etc/containerd/conf.d/            (0644)
@@ -79,10 +79,10 @@ src_bin() { echo "$OUTPUT/bin/$1-sandboxer"; }
 src_unit() { echo "$REPO/deploy/systemd/$1-sandboxer.service"; }
 src_config() { echo "$REPO/deploy/config/$1-sandboxer.toml"; }
 src_dropin() { echo "$REPO/deploy/containerd/$1-sandboxer.toml"; }
-# Sandboxers whose pods run on the host start kuasar-holder, PID 1 of each
-# pod, from beside their own binary.
+# kuasar-holder lies beside the sandboxers that start it: PID 1 of each
+# runc/wasm pod, and the pause process of gVisor pods.
 HOLDER=kuasar-holder
-HOLDER_USERS=(runc wasm)
+HOLDER_USERS=(runc wasm quark)
 uses_holder() {
 	local u
 	for u in "${HOLDER_USERS[@]}"; do [ "$u" = "$1" ] && return 0; done

@@ -157,6 +157,7 @@ func TestQuarkDefaultConfig(t *testing.T) {
 func TestQuarkInstallScript(t *testing.T) {
 	output := t.TempDir()
 	copyExecutable(t, filepath.Join(output, "bin", name))
+	copyExecutable(t, filepath.Join(output, "bin", "kuasar-holder"))
 	dest := t.TempDir()
 	common := []string{installScript, "--destdir", dest, "--output", output, "--prefix", "/opt/kg"}
 	out, err := exec.Command("bash", append(common, "quark")...).CombinedOutput()
@@ -164,7 +165,7 @@ func TestQuarkInstallScript(t *testing.T) {
 		t.Fatalf("install.sh quark: %v\n%s", err, out)
 	}
 	for _, f := range []string{"opt/kg/bin/quark-sandboxer", "etc/systemd/system/quark-sandboxer.service",
-		"etc/kuasar-go/quark-sandboxer.toml", "etc/containerd/conf.d/quark-sandboxer.toml"} {
+		"etc/kuasar-go/quark-sandboxer.toml", "etc/containerd/conf.d/quark-sandboxer.toml", "opt/kg/bin/kuasar-holder"} {
 		if _, err := os.Stat(filepath.Join(dest, f)); err != nil {
 			t.Errorf("not installed: %v", err)
 		}
