@@ -2,11 +2,13 @@ package testenv
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	goruntime "runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -247,15 +249,17 @@ func WasmNativeImageTar() ([]byte, error) {
 }
 
 // ImportImage imports an OCI image layout tar into the env's containerd
-// (namespace k8s.io) and waits until CRI sees ref.
-func (e *Env) ImportImage(t testing.TB, layout []byte, ref string) {
+// (namespace k8s.io) and waits until CRI sees ref. importArgs go to
+// `ctr images import`, e.g. --all-platforms for an image of another
+// platform (a wasm artifact's wasip1/wasm).
+func (e *Env) ImportImage(t testing.TB, layout []byte, ref string, importArgs ...string) {
 	t.Helper()
 	p := filepath.Join(e.Dir, "import-"+randHex(8)+".tar")
 	if err := os.WriteFile(p, layout, 0o644); err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
 	defer os.Remove(p)
-	if _, err := e.Ctr("images", "import", p); err != nil {
+	if _, err := e.Ctr(append(append([]string{"images", "import"}, importArgs...), p)...); err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
 	deadline := time.Now().Add(30 * time.Second)
@@ -271,4 +275,80 @@ func (e *Env) ImportImage(t testing.TB, layout []byte, ref string) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// Media types of wasm OCI artifacts: the CNCF TAG Runtime "Wasm OCI
+// Artifact" layout (config application/vnd.wasm.config.v0+json, layers
+// application/wasm) and the module and component layers runwasi accepts.
+const (
+	MediaTypeWasmConfig         = "application/vnd.wasm.config.v0+json"
+	MediaTypeWasmLayer          = "application/wasm"
+	MediaTypeWasmModuleLayer    = "application/vnd.w3c.wasm.module.v1+wasm"
+	MediaTypeWasmComponentLayer = "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm"
+)
+
+// WasmArtifactTar builds an OCI image layout tar holding name as a wasm
+// artifact: a manifest whose config has configMediaType and whose one layer
+// is the raw module with layerMediaType (no tar), platform wasip1/wasm, the
+// layout of the CNCF TAG Runtime Wasm OCI Artifact and of runwasi's images.
+func WasmArtifactTar(name, configMediaType, layerMediaType string, wasm []byte) ([]byte, error) {
+	type descriptor struct {
+		MediaType   string            `json:"mediaType"`
+		Digest      string            `json:"digest"`
+		Size        int               `json:"size"`
+		Annotations map[string]string `json:"annotations,omitempty"`
+		Platform    map[string]string `json:"platform,omitempty"`
+	}
+	// The config lists the layers but has no rootfs: containerd then
+	// unpacks nothing (no layer of an artifact is a tar) and CRI runs the
+	// container on an empty rootfs.
+	config := map[string]any{
+		"created":      epoch.Format(time.RFC3339),
+		"architecture": "wasm",
+		"os":           "wasip1",
+		"layerDigests": []string{digestOf(wasm)},
+	}
+	if layerMediaType == MediaTypeWasmComponentLayer {
+		config["os"] = "wasip2"
+		config["component"] = map[string]any{"target": "wasi:cli/command@0.2.0"}
+	}
+	cfg, err := json.Marshal(config)
+	if err != nil {
+		return nil, err
+	}
+	man, err := json.Marshal(map[string]any{
+		"schemaVersion": 2,
+		"mediaType":     mediaTypeManifest,
+		"artifactType":  configMediaType,
+		"config":        descriptor{MediaType: configMediaType, Digest: digestOf(cfg), Size: len(cfg)},
+		"layers":        []descriptor{{MediaType: layerMediaType, Digest: digestOf(wasm), Size: len(wasm)}},
+	})
+	if err != nil {
+		return nil, err
+	}
+	tag := "latest"
+	if i := strings.LastIndex(name, ":"); i > strings.LastIndex(name, "/") {
+		tag = name[i+1:]
+	}
+	index, err := json.Marshal(map[string]any{
+		"schemaVersion": 2,
+		"mediaType":     mediaTypeIndex,
+		"manifests": []descriptor{{
+			MediaType: mediaTypeManifest, Digest: digestOf(man), Size: len(man),
+			Annotations: map[string]string{"io.containerd.image.name": name, "org.opencontainers.image.ref.name": tag},
+			Platform:    map[string]string{"architecture": "wasm", "os": "wasip1"},
+		}},
+	})
+	if err != nil {
+		return nil, err
+	}
+	files := []ImageFile{
+		{Path: "/blobs/sha256", Dir: true, Mode: 0o755},
+		{Path: "/index.json", Mode: 0o644, Data: index},
+		{Path: "/oci-layout", Mode: 0o644, Data: []byte(`{"imageLayoutVersion":"1.0.0"}`)},
+	}
+	for _, b := range [][]byte{cfg, man, wasm} {
+		files = append(files, ImageFile{Path: "/blobs/sha256/" + strings.TrimPrefix(digestOf(b), "sha256:"), Mode: 0o644, Data: b})
+	}
+	return layerTar(files)
 }

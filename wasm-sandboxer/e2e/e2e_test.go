@@ -44,7 +44,7 @@ func startEnv(t *testing.T, configTOML string) *testenv.Env {
 		Name: handler, Binary: bin, ConfigTOML: configTOML,
 		RuntimeTOML: "  pod_annotations = [\"io.kuasar-go.wasm.*\"]\n  container_annotations = [\"io.kuasar-go.wasm.*\"]",
 		// The compiled-module cache is the daemon's to keep.
-	}}, LeakIgnore: []string{`/cache(/|$)`}})
+	}}, LeakIgnore: []string{`/(cache|modules)(/|$)`}})
 	env.ImportImage(t, imageTar, testenv.WasmImage)
 	return env
 }
@@ -328,6 +328,60 @@ func TestE2EWasmBadInput(t *testing.T) {
 	}
 	if out, _, code := env.ExecSync(t, longID, 10*time.Second, "/app.wasm", "echo", "exec-fine"); code != 0 || out != "exec-fine\n" {
 		t.Errorf("exec after bad input: %q exit %d", out, code)
+	}
+	env.StopRemovePod(t, podID)
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
+
+// TestE2EWasmOCIArtifact: images whose layer is the raw module (wasm OCI
+// artifacts, which containerd stores but does not unpack: the container's
+// rootfs is empty) run their module, read from containerd's content store;
+// a WASI component is refused clearly.
+func TestE2EWasmOCIArtifact(t *testing.T) {
+	env := startEnv(t, "")
+	before := env.Snapshot()
+	prog, err := testenv.WasmTestProgram("wasip1", "wasm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	podCfg := env.PodConfig()
+	podID := env.RunPod(t, handler, podCfg)
+	ctx := t.Context()
+	for i, tc := range []struct {
+		name, config, layer string
+		wantErr             string
+	}{
+		{"CNCF wasm artifact", testenv.MediaTypeWasmConfig, testenv.MediaTypeWasmLayer, ""},
+		{"runwasi module layer", "application/vnd.oci.image.config.v1+json", testenv.MediaTypeWasmModuleLayer, ""},
+		{"component", testenv.MediaTypeWasmConfig, testenv.MediaTypeWasmComponentLayer, "WASI component"},
+	} {
+		ref := fmt.Sprintf("localhost/kuasar-go/wasm-artifact-%d:latest", i)
+		tar, err := testenv.WasmArtifactTar(ref, tc.config, tc.layer, prog)
+		if err != nil {
+			t.Fatal(err)
+		}
+		env.ImportImage(t, tar, ref, "--all-platforms")
+		c := wasmContainer(fmt.Sprintf("artifact-%d", i), "echo", "from-an-artifact", "args")
+		c.Image = &runtime.ImageSpec{Image: ref}
+		c.Command = []string{"app.wasm"}
+		id := env.CreateContainer(t, podID, podCfg, c)
+		_, err = env.Runtime.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: id})
+		if tc.wantErr != "" {
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("%s: StartContainer: %v, want InvalidArgument %q", tc.name, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: StartContainer: %v", tc.name, err)
+			continue
+		}
+		if code := env.WaitContainerExited(t, id, 60*time.Second); code != 0 {
+			t.Errorf("%s: exit %d", tc.name, code)
+		}
+		if log := env.ReadLog(t, podCfg, c); !strings.Contains(log, "from-an-artifact\narg[0]=app.wasm\n") {
+			t.Errorf("%s: log %q", tc.name, log)
+		}
 	}
 	env.StopRemovePod(t, podID)
 	env.AssertNoLeaks(t, before, 15*time.Second)

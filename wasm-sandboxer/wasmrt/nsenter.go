@@ -41,10 +41,10 @@ var nsProcFile = map[int]string{
 	unix.CLONE_NEWPID: "pid_for_children",
 }
 
-// namespaces sorts the spec's namespaces: paths to join, and flags of new
+// podNamespaces sorts the spec's namespaces: paths to join, and flags of new
 // ones to create. Mount and cgroup namespaces are not used (the process
 // is confined by chroot and its cgroup); a user namespace is refused.
-func namespaces(spec *specs.Spec) (join map[int]string, newFlags uintptr, err error) {
+func podNamespaces(spec *specs.Spec) (join map[int]string, newFlags uintptr, err error) {
 	join = map[int]string{}
 	if spec.Linux == nil {
 		return join, 0, nil

@@ -51,6 +51,11 @@ type Config struct {
 	// CacheDir holds compiled modules; "" disables the cache (every
 	// process then compiles inside its own cgroup).
 	CacheDir string
+	// ContainerdAddress is containerd's gRPC socket, to read the modules
+	// of wasm OCI artifacts from its content store; "" disables them.
+	ContainerdAddress string
+	// ModulesDir keeps the modules read from artifacts, by digest.
+	ModulesDir string
 }
 
 // Runtime makes wasm containers.
@@ -73,6 +78,9 @@ func New(cfg Config, log *zap.Logger) (*Runtime, error) {
 		if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
 			return nil, fmt.Errorf("cache directory: %w", err)
 		}
+	}
+	if cfg.ContainerdAddress != "" && cfg.ModulesDir == "" {
+		return nil, fmt.Errorf("a modules directory is needed to run wasm OCI artifacts")
 	}
 	self, err := os.Executable()
 	if err != nil {
@@ -273,6 +281,17 @@ func (rt *Runtime) ensureCompiled(ctx context.Context, name, module string, wasm
 // namespaces and c's cgroup, and returns once it is ready to run.
 func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string, ps *specs.Process, stdin, stdout, stderr string) (_ *proc, retErr error) {
 	guest, host, err := modulePath(c.rootfs, ps)
+	if errors.Is(err, errdefs.ErrInvalidArgument) && len(ps.Args) > 0 && c.spec.Annotations[imageNameAnnotation] != "" {
+		// Not in the rootfs: the image may be a wasm OCI artifact.
+		switch a, aerr := rt.artifactModule(ctx, c.spec.Annotations[imageNameAnnotation]); {
+		case aerr == nil:
+			guest, host, err = ps.Args[0], a, nil
+		case errors.Is(aerr, errdefs.ErrInvalidArgument):
+			return nil, aerr
+		case !errors.Is(aerr, errNotArtifact):
+			rt.log.Warn("look for a wasm artifact", zap.String("container", c.id), zap.Error(aerr))
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -283,7 +302,7 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 	if err := rt.ensureCompiled(ctx, c.engine, host, wasm); err != nil {
 		return nil, err
 	}
-	join, newNS, err := namespaces(c.spec)
+	join, newNS, err := podNamespaces(c.spec)
 	if err != nil {
 		return nil, fmt.Errorf("%v: %w", err, errdefs.ErrNotImplemented)
 	}

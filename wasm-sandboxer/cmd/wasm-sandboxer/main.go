@@ -5,6 +5,9 @@
 package main
 
 import (
+	"path/filepath"
+	"strings"
+
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/hostpod"
 	"github.com/kuasar-go/kuasar-go/shared/task"
@@ -23,6 +26,10 @@ func main() {
 		return wasmrt.New(wasmrt.Config{
 			Engine:   cfg.Wasm.Engine,
 			CacheDir: cfg.ResolvedCacheDir(base.Flags.Dir),
+			// containerd's gRPC socket beside its ttrpc one, for the
+			// content store (wasm OCI artifacts).
+			ContainerdAddress: strings.TrimSuffix(base.Flags.ContainerdAddress, ".ttrpc"),
+			ModulesDir:        filepath.Join(base.Flags.Dir, "modules"),
 		}, base.Log.Named("wasm"))
 	})
 }
