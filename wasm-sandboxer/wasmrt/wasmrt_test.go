@@ -14,10 +14,8 @@ import (
 	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
-	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
 )
 
@@ -140,9 +138,7 @@ func TestPodNamespaces(t *testing.T) {
 // left in them.
 func TestStartIn(t *testing.T) {
 	testenv.RequireRoot(t)
-	if err := reap.Start(zap.NewNop()); err != nil {
-		t.Fatal(err)
-	}
+	startReaping(t)
 	// A process owning new PID, IPC and UTS namespaces, in a new netns.
 	netns := testenv.NewNetns(t)
 	owner := exec.Command("/bin/sleep", "60")
