@@ -3,6 +3,8 @@ package sandbox
 import (
 	"strings"
 	"testing"
+
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
 )
 
 func TestConfigValidate(t *testing.T) {
@@ -37,4 +39,8 @@ func TestConfigValidate(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestDeployedConfigDocumentsDefaults(t *testing.T) {
+	testenv.CheckDocumentedConfig(t, "../../deploy/config/quark-sandboxer.toml", &Config{}, DefaultConfig())
 }

@@ -1,6 +1,10 @@
 package sandbox
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
+)
 
 func TestConfigValidate(t *testing.T) {
 	for _, tc := range []struct {
@@ -22,4 +26,8 @@ func TestConfigValidate(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestDeployedConfigDocumentsDefaults(t *testing.T) {
+	testenv.CheckDocumentedConfig(t, "../../deploy/config/runc-sandboxer.toml", &Config{}, DefaultConfig())
 }

@@ -3,10 +3,13 @@ package sandbox
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/engine"
 )
 
 func TestConfig(t *testing.T) {
@@ -53,4 +56,11 @@ func TestConfig(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestDeployedConfigDocumentsDefaults(t *testing.T) {
+	if !slices.Contains(engine.Names(), "wasmtime") {
+		t.Skip("built without cgo: no wasmtime, whose defaults the file documents")
+	}
+	testenv.CheckDocumentedConfig(t, "../../deploy/config/wasm-sandboxer.toml", &Config{}, DefaultConfig())
 }

@@ -1,0 +1,272 @@
+// Package install holds tests only: the deployment files of every
+// sandboxer under deploy/ (systemd unit, containerd drop-in) and the
+// installer hack/install.sh, one table for all of them.
+package install
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+const (
+	deployDir     = "../../deploy"
+	installScript = "../../hack/install.sh"
+)
+
+// sandboxers are those with deployment files; the handler and proxy plugin
+// names are kuasar-<family>.
+var sandboxers = []string{"runc", "wasm", "quark"}
+
+// usesHolder: the families whose installation brings kuasar-holder.
+var usesHolder = map[string]bool{"runc": true, "wasm": true, "quark": true}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// copyExecutable copies /bin/true to path: systemd-analyze verify and the
+// installer only need an executable file.
+func copyExecutable(t *testing.T, path string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, readFile(t, "/bin/true"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func unitPath(family string) string {
+	return filepath.Join(deployDir, "systemd", family+"-sandboxer.service")
+}
+func dropinPath(family string) string {
+	return filepath.Join(deployDir, "containerd", family+"-sandboxer.toml")
+}
+func listenSocket(family string) string { return "/run/kuasar-go/" + family + "-sandboxer.sock" }
+
+func TestUnitVerifies(t *testing.T) {
+	analyze, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Skip("systemd-analyze not found (install systemd): cannot verify the units")
+	}
+	for _, family := range sandboxers {
+		t.Run(family, func(t *testing.T) {
+			name := family + "-sandboxer"
+			defaultBinary := "/usr/local/bin/" + name
+			unit := string(readFile(t, unitPath(family)))
+			for _, want := range []string{
+				"ExecStart=" + defaultBinary + " ", "Type=notify", "WatchdogSec=30", "Restart=always",
+				// Pods must outlive a restart of the daemon.
+				"KillMode=process", "Delegate=yes", "Before=containerd.service",
+				"--listen " + listenSocket(family), "--dir /run/kuasar-go/" + name, "--config /etc/kuasar-go/" + name + ".toml",
+			} {
+				if !strings.Contains(unit, want) {
+					t.Errorf("%s lacks %q", unitPath(family), want)
+				}
+			}
+			// verify insists that ExecStart names an existing executable.
+			dir := t.TempDir()
+			bin := filepath.Join(dir, name)
+			copyExecutable(t, bin)
+			unitCopy := filepath.Join(dir, name+".service")
+			if err := os.WriteFile(unitCopy, []byte(strings.ReplaceAll(unit, defaultBinary, bin)), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(analyze, "verify", unitCopy)
+			cmd.Env = append(os.Environ(), "SYSTEMD_LOG_COLOR=0")
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+			}
+			// verify exits 0 on warnings such as unknown keys: any line about
+			// our unit is a failure; lines about host units are only logged.
+			for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+				if line == "" {
+					continue
+				}
+				if strings.Contains(line, name) || strings.Contains(line, dir) {
+					t.Errorf("systemd-analyze verify: %s", line)
+				} else {
+					t.Logf("systemd-analyze verify (not about our unit): %s", line)
+				}
+			}
+		})
+	}
+}
+
+// The subset of containerd's config version 3 that the drop-ins set.
+type containerdConfig struct {
+	Version      int `toml:"version"`
+	ProxyPlugins map[string]struct {
+		Type    string `toml:"type"`
+		Address string `toml:"address"`
+	} `toml:"proxy_plugins"`
+	Plugins struct {
+		CRIRuntime struct {
+			Containerd struct {
+				Runtimes map[string]struct {
+					RuntimeType          string   `toml:"runtime_type"`
+					Sandboxer            string   `toml:"sandboxer"`
+					IOType               string   `toml:"io_type"`
+					PodAnnotations       []string `toml:"pod_annotations"`
+					ContainerAnnotations []string `toml:"container_annotations"`
+				} `toml:"runtimes"`
+			} `toml:"containerd"`
+		} `toml:"io.containerd.cri.v1.runtime"`
+	} `toml:"plugins"`
+}
+
+func TestContainerdDropIns(t *testing.T) {
+	for _, family := range sandboxers {
+		t.Run(family, func(t *testing.T) {
+			handler := "kuasar-" + family
+			var cfg containerdConfig
+			dec := toml.NewDecoder(bytes.NewReader(readFile(t, dropinPath(family))))
+			dec.DisallowUnknownFields() // only keys this test knows, all valid in containerd 2.2
+			if err := dec.Decode(&cfg); err != nil {
+				t.Fatalf("%s: %v", dropinPath(family), err)
+			}
+			p, ok := cfg.ProxyPlugins[handler]
+			if cfg.Version != 3 || len(cfg.ProxyPlugins) != 1 || !ok || p.Type != "sandbox" || p.Address != listenSocket(family) {
+				t.Errorf("version %d, proxy plugins %+v; want version 3 and one sandbox plugin %s at %s (the unit's --listen)",
+					cfg.Version, cfg.ProxyPlugins, handler, listenSocket(family))
+			}
+			rt, ok := cfg.Plugins.CRIRuntime.Containerd.Runtimes[handler]
+			if !ok {
+				t.Fatalf("no runtime handler %s; have %v", handler, cfg.Plugins.CRIRuntime.Containerd.Runtimes)
+			}
+			if rt.Sandboxer != handler || rt.RuntimeType == "" {
+				t.Errorf("runtime handler %s = %+v: sandboxer must name the proxy plugin, runtime_type must be set", handler, rt)
+			}
+			if rt.IOType != "" && rt.IOType != "fifo" && rt.IOType != "streaming" {
+				t.Errorf("io_type = %q, want fifo or streaming", rt.IOType)
+			}
+		})
+	}
+}
+
+func runInstall(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("bash", append([]string{installScript}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("install.sh %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func TestInstallScript(t *testing.T) {
+	for _, family := range sandboxers {
+		t.Run(family, func(t *testing.T) {
+			name := family + "-sandboxer"
+			output := t.TempDir()
+			copyExecutable(t, filepath.Join(output, "bin", name))
+			if usesHolder[family] {
+				copyExecutable(t, filepath.Join(output, "bin", "kuasar-holder"))
+			}
+			dest := t.TempDir()
+			common := []string{"--destdir", dest, "--output", output, "--prefix", "/opt/kg"}
+			files := map[string]os.FileMode{
+				"opt/kg/bin/" + name:                      0o755,
+				"etc/systemd/system/" + name + ".service": 0o644,
+				"etc/kuasar-go/" + name + ".toml":         0o644,
+				"etc/containerd/conf.d/" + name + ".toml": 0o644,
+			}
+			if usesHolder[family] {
+				files["opt/kg/bin/kuasar-holder"] = 0o755
+			}
+			config := "etc/kuasar-go/" + name + ".toml"
+
+			// --dry-run writes nothing.
+			runInstall(t, append(common, "--dry-run", family)...)
+			if entries, _ := os.ReadDir(dest); len(entries) != 0 {
+				t.Fatalf("--dry-run wrote %v", entries)
+			}
+			out := runInstall(t, append(common, family)...)
+			if !strings.Contains(out, `imports = ["/etc/containerd/conf.d/*.toml"]`) {
+				t.Errorf("no hint about containerd's imports line:\n%s", out)
+			}
+			for f, mode := range files {
+				fi, err := os.Stat(filepath.Join(dest, f))
+				if err != nil {
+					t.Errorf("not installed: %v", err)
+				} else if fi.Mode() != mode {
+					t.Errorf("%s: mode %v, want %v", f, fi.Mode(), mode)
+				}
+			}
+			unit := readFile(t, filepath.Join(dest, "etc/systemd/system", name+".service"))
+			if !bytes.Contains(unit, []byte("ExecStart=/opt/kg/bin/"+name+" ")) {
+				t.Errorf("installed unit does not follow --prefix:\n%s", unit)
+			}
+			if got, want := readFile(t, filepath.Join(dest, "etc/containerd/conf.d", name+".toml")), readFile(t, dropinPath(family)); !bytes.Equal(got, want) {
+				t.Error("installed drop-in differs from deploy/")
+			}
+
+			// Idempotent, and an edited config is kept.
+			if err := os.WriteFile(filepath.Join(dest, config), []byte("log_level = \"debug\"\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dest, "etc/containerd/config.toml"),
+				[]byte("version = 3\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			out = runInstall(t, append(common, family)...)
+			if strings.Contains(out, "installed ") || strings.Contains(out, "NOTE:") {
+				t.Errorf("second install changed something or still asks for imports:\n%s", out)
+			}
+			if got := string(readFile(t, filepath.Join(dest, config))); got != "log_level = \"debug\"\n" {
+				t.Errorf("config overwritten: %q", got)
+			}
+
+			// Errors: unknown name, missing binary.
+			for _, args := range [][]string{
+				append(common, "nosuch"),
+				{"--destdir", dest, "--output", t.TempDir(), family},
+			} {
+				if out, err := exec.Command("bash", append([]string{installScript}, args...)...).CombinedOutput(); err == nil {
+					t.Errorf("install.sh %v succeeded:\n%s", args, out)
+				}
+			}
+
+			// Uninstall keeps the config, and twice is fine.
+			runInstall(t, append(common, "--uninstall", family)...)
+			runInstall(t, append(common, "--uninstall", family)...)
+			for f := range files {
+				_, err := os.Stat(filepath.Join(dest, f))
+				if keep := f == config; keep != (err == nil) {
+					t.Errorf("after uninstall %s: stat error %v", f, err)
+				}
+			}
+		})
+	}
+}
+
+// kuasar-holder stays while another sandboxer that uses it is installed.
+func TestUninstallKeepsSharedHolder(t *testing.T) {
+	output := t.TempDir()
+	for _, f := range []string{"runc-sandboxer", "wasm-sandboxer", "kuasar-holder"} {
+		copyExecutable(t, filepath.Join(output, "bin", f))
+	}
+	dest := t.TempDir()
+	common := []string{"--destdir", dest, "--output", output, "--prefix", "/opt/kg"}
+	runInstall(t, append(common, "runc", "wasm")...)
+	holder := filepath.Join(dest, "opt/kg/bin/kuasar-holder")
+	runInstall(t, append(common, "--uninstall", "runc")...)
+	if _, err := os.Stat(holder); err != nil {
+		t.Errorf("uninstalling runc removed the holder wasm still needs: %v", err)
+	}
+	runInstall(t, append(common, "--uninstall", "wasm")...)
+	if _, err := os.Stat(holder); err == nil {
+		t.Error("the holder stayed after the last sandboxer using it was uninstalled")
+	}
+}
