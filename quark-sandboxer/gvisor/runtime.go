@@ -171,7 +171,6 @@ func (rt *Runtime) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ 
 	init := &initProcess{Init: p, rt: rt, runc: rc, id: r.ID, stdio: io}
 	return &container{
 		id: r.ID, bundle: r.Bundle, init: init, log: rt.log,
-		processes: map[string]process.Process{}, reserved: map[string]struct{}{},
 	}, nil
 }
 
@@ -347,9 +346,7 @@ type container struct {
 	init       *initProcess
 	log        *zap.Logger
 
-	mu        sync.Mutex
-	processes map[string]process.Process
-	reserved  map[string]struct{}
+	task.Execs[process.Process]
 }
 
 func (c *container) ID() string     { return c.id }
@@ -364,40 +361,11 @@ func (c *container) Process(execID string) (process.Process, error) {
 	if execID == "" {
 		return c.init, nil
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	p, ok := c.processes[execID]
-	if !ok {
-		return nil, fmt.Errorf("process %s of container %s: %w", execID, c.id, errdefs.ErrNotFound)
+	p, err := c.Lookup(execID)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", c.id, err)
 	}
 	return p, nil
-}
-
-func (c *container) ExecdProcesses() []process.Process {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	out := make([]process.Process, 0, len(c.processes))
-	for _, p := range c.processes {
-		out = append(out, p)
-	}
-	return out
-}
-
-func (c *container) ReserveProcess(execID string) (bool, func()) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if _, ok := c.processes[execID]; ok {
-		return false, nil
-	}
-	if _, ok := c.reserved[execID]; ok {
-		return false, nil
-	}
-	c.reserved[execID] = struct{}{}
-	return true, func() {
-		c.mu.Lock()
-		delete(c.reserved, execID)
-		c.mu.Unlock()
-	}
 }
 
 func (c *container) Start(ctx context.Context, r *taskAPI.StartRequest) (process.Process, error) {
@@ -417,9 +385,7 @@ func (c *container) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (proce
 		return nil, err
 	}
 	if r.ExecID != "" {
-		c.mu.Lock()
-		delete(c.processes, r.ExecID)
-		c.mu.Unlock()
+		c.Remove(r.ExecID)
 	}
 	return p, nil
 }
@@ -433,10 +399,7 @@ func (c *container) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (pr
 	if err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	delete(c.reserved, r.ExecID)
-	c.processes[r.ExecID] = p
-	c.mu.Unlock()
+	c.Add(r.ExecID, p)
 	return p, nil
 }
 

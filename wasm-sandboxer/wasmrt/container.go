@@ -29,10 +29,10 @@ type container struct {
 	cg         *cgroup // nil without cgroups path
 	init       *proc
 
-	mu       sync.Mutex
-	paused   bool
-	execs    map[string]*proc
-	reserved map[string]bool
+	task.Execs[*proc]
+
+	mu     sync.Mutex
+	paused bool
 }
 
 var _ task.Container = (*container)(nil)
@@ -58,37 +58,11 @@ func (c *container) Process(execID string) (process.Process, error) {
 	if execID == "" {
 		return c.init, nil
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	p, ok := c.execs[execID]
-	if !ok {
-		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, errdefs.ErrNotFound)
+	p, err := c.Lookup(execID)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", c.id, err)
 	}
 	return p, nil
-}
-
-func (c *container) ExecdProcesses() []process.Process {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	ps := make([]process.Process, 0, len(c.execs))
-	for _, p := range c.execs {
-		ps = append(ps, p)
-	}
-	return ps
-}
-
-func (c *container) ReserveProcess(execID string) (bool, func()) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if _, ok := c.execs[execID]; ok || c.reserved[execID] {
-		return false, func() {}
-	}
-	c.reserved[execID] = true
-	return true, func() {
-		c.mu.Lock()
-		delete(c.reserved, execID)
-		c.mu.Unlock()
-	}
 }
 
 func (c *container) Start(ctx context.Context, r *taskAPI.StartRequest) (process.Process, error) {
@@ -113,10 +87,7 @@ func (c *container) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (proce
 		return nil, err
 	}
 	if r.ExecID != "" {
-		c.mu.Lock()
-		delete(c.execs, r.ExecID)
-		delete(c.reserved, r.ExecID)
-		c.mu.Unlock()
+		c.Remove(r.ExecID)
 		return p, nil
 	}
 	for _, e := range c.ExecdProcesses() {
@@ -169,10 +140,7 @@ func (c *container) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (pr
 	if err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	c.execs[r.ExecID] = p
-	delete(c.reserved, r.ExecID)
-	c.mu.Unlock()
+	c.Add(r.ExecID, p)
 	return p, nil
 }
 
@@ -186,21 +154,11 @@ func (c *container) Kill(ctx context.Context, r *taskAPI.KillRequest) error {
 
 // signalAll signals every running process of the container.
 func (c *container) signalAll(sig unix.Signal) {
-	for _, p := range append(c.processes(), c.init) {
+	for _, p := range append(c.List(), c.init) {
 		if p.running() {
 			unix.Kill(p.pid, sig)
 		}
 	}
-}
-
-func (c *container) processes() []*proc {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	ps := make([]*proc, 0, len(c.execs))
-	for _, p := range c.execs {
-		ps = append(ps, p)
-	}
-	return ps
 }
 
 func (c *container) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) error {
@@ -258,7 +216,7 @@ func (c *container) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) er
 // Pids lists the container's running processes.
 func (c *container) Pids(ctx context.Context) ([]int, error) {
 	var pids []int
-	for _, p := range append([]*proc{c.init}, c.processes()...) {
+	for _, p := range append([]*proc{c.init}, c.List()...) {
 		if p.running() {
 			pids = append(pids, p.pid)
 		}
@@ -269,7 +227,7 @@ func (c *container) Pids(ctx context.Context) ([]int, error) {
 // InitExited ends the exec'd processes: they run in the pod's PID
 // namespace and would not die with the init.
 func (c *container) InitExited(ctx context.Context) {
-	for _, p := range c.processes() {
+	for _, p := range c.List() {
 		if p.running() {
 			unix.Kill(p.pid, unix.SIGKILL)
 		}

@@ -123,7 +123,6 @@ func (rt *Runtime) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ 
 	}
 	c := &container{
 		id: r.ID, bundle: r.Bundle, rt: rt, spec: spec, engine: name,
-		execs: map[string]*proc{}, reserved: map[string]bool{},
 		rootfs: spec.Root.Path,
 	}
 	if !filepath.IsAbs(c.rootfs) {
