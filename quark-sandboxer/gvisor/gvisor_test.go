@@ -100,12 +100,12 @@ func newRig(t *testing.T, mutate func(*sandbox.Config)) *rig {
 }
 
 func podOptions(t *testing.T, cfg *runtimeapi.PodSandboxConfig) *anypb.Any {
-	return testrig.PodOptions(t, cfg)
+	return testenv.PodOptions(t, cfg)
 }
 
 func wantCode(t *testing.T, what string, err error, code codes.Code, mention string) {
 	t.Helper()
-	testrig.WantCode(t, what, err, code, mention)
+	testenv.WantCode(t, what, err, code, mention)
 }
 
 // leftovers lists what a pod may leave: host processes naming it, runsc

@@ -80,7 +80,7 @@ func (r *rig) run(t *testing.T, id string, cfg *runtimeapi.PodSandboxConfig, net
 	if cfg == nil {
 		cfg = &runtimeapi.PodSandboxConfig{}
 	}
-	if _, err := r.Ctrl.Create(ctx, &sandboxapi.ControllerCreateRequest{SandboxID: id, NetnsPath: netns, Options: testrig.PodOptions(t, cfg)}); err != nil {
+	if _, err := r.Ctrl.Create(ctx, &sandboxapi.ControllerCreateRequest{SandboxID: id, NetnsPath: netns, Options: testenv.PodOptions(t, cfg)}); err != nil {
 		t.Fatalf("Create %s: %v", id, err)
 	}
 	started, err := r.Ctrl.Start(ctx, &sandboxapi.ControllerStartRequest{SandboxID: id})
@@ -224,7 +224,7 @@ func TestContractQuarkPodLifecycle(t *testing.T) {
 	if got := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00"); !slices.Equal(got, want) {
 		t.Errorf("sandbox process %d runs %q, want %q", started.Pid, got, want)
 	}
-	quarkTasks := testrig.DialTasks(t, sock)
+	quarkTasks := testenv.DialTasks(t, sock)
 	if c, err := quarkTasks.Connect(ctx, &taskAPI.ConnectRequest{ID: id}); err != nil || c.ShimPid != started.Pid {
 		t.Errorf("Connect to Quark's task socket: %+v, %v; want pid %d", c, err, started.Pid)
 	}
@@ -402,7 +402,7 @@ func TestContractQuarkBadInput(t *testing.T) {
 	t.Run("missing binary", func(t *testing.T) {
 		r := newRig(t, "/nonexistent/quark")
 		_, err := r.Ctrl.Create(context.Background(), &sandboxapi.ControllerCreateRequest{SandboxID: "no-quark"})
-		testrig.WantCode(t, "Create", err, codes.FailedPrecondition, "/nonexistent/quark")
+		testenv.WantCode(t, "Create", err, codes.FailedPrecondition, "/nonexistent/quark")
 		assertNothingLeft(t, r, "no-quark")
 	})
 
@@ -420,7 +420,7 @@ func TestContractQuarkBadInput(t *testing.T) {
 				t.Fatalf("Create: %v", err)
 			}
 			_, err := r.Ctrl.Start(ctx, &sandboxapi.ControllerStartRequest{SandboxID: tc.id})
-			testrig.WantCode(t, "Start", err, codes.Internal, tc.mention)
+			testenv.WantCode(t, "Start", err, codes.Internal, tc.mention)
 			r.shutdown(t, tc.id)
 			assertNothingLeft(t, r, tc.id)
 		})
@@ -447,7 +447,7 @@ func TestContractQuarkBadInput(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := r.update(id, tc.tasks...)
-			testrig.WantCode(t, "Update", err, tc.code, tc.mention)
+			testenv.WantCode(t, "Update", err, tc.code, tc.mention)
 			if st := r.engineState(t, id); len(st) != 0 {
 				t.Errorf("a refused container is recorded: %v", st)
 			}
@@ -460,16 +460,16 @@ func TestContractQuarkBadInput(t *testing.T) {
 		})
 	}
 	_, err := r.Ctrl.Update(context.Background(), &sandboxapi.ControllerUpdateRequest{SandboxID: id, Sandbox: &types.Sandbox{SandboxID: id}, Fields: []string{"extensions.tasks"}})
-	testrig.WantCode(t, "Update without the tasks extension", err, codes.InvalidArgument, "tasks")
+	testenv.WantCode(t, "Update without the tasks extension", err, codes.InvalidArgument, "tasks")
 	err = r.update("gone-pod", good)
-	testrig.WantCode(t, "Update of a pod that is gone", err, codes.NotFound, "gone-pod")
+	testenv.WantCode(t, "Update of a pod that is gone", err, codes.NotFound, "gone-pod")
 
 	// A container cannot join a stopped pod.
 	if _, err := r.Ctrl.Stop(context.Background(), &sandboxapi.ControllerStopRequest{SandboxID: id}); err != nil {
 		t.Fatal(err)
 	}
 	err = r.update(id, good)
-	testrig.WantCode(t, "Update of a stopped pod", err, codes.FailedPrecondition, "not running")
+	testenv.WantCode(t, "Update of a stopped pod", err, codes.FailedPrecondition, "not running")
 	r.shutdown(t, id)
 	assertNothingLeft(t, r, id)
 }

@@ -51,20 +51,10 @@ func load(sb *store.Sandbox) (state, error) {
 	if len(sb.Family) == 0 {
 		return st, fmt.Errorf("sandbox %s has no pod state: %w", sb.ID, errdefs.ErrFailedPrecondition)
 	}
-	if err := json.Unmarshal(sb.Family, &st); err != nil {
-		return st, fmt.Errorf("decode pod state of sandbox %s: %w", sb.ID, err)
-	}
-	return st, nil
+	return st, sb.DecodeFamily(&st)
 }
 
-func save(sb *store.Sandbox, st state) error {
-	b, err := json.Marshal(st)
-	if err != nil {
-		return err
-	}
-	sb.Family = b
-	return nil
-}
+func save(sb *store.Sandbox, st state) error { return sb.EncodeFamily(st) }
 
 // Family implements controller.Sandboxer for pods under an application
 // kernel, delegating to the pod's engine.

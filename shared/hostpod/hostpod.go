@@ -6,7 +6,6 @@ package hostpod
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"path"
 	"strings"
@@ -51,23 +50,10 @@ func (st state) holderCgroup(id string) string { return path.Join(st.PodCgroup, 
 
 func load(sb *store.Sandbox) (state, error) {
 	var st state
-	if len(sb.Family) == 0 {
-		return st, nil
-	}
-	if err := json.Unmarshal(sb.Family, &st); err != nil {
-		return st, fmt.Errorf("decode pod state of sandbox %s: %w", sb.ID, err)
-	}
-	return st, nil
+	return st, sb.DecodeFamily(&st)
 }
 
-func save(sb *store.Sandbox, st state) error {
-	b, err := json.Marshal(st)
-	if err != nil {
-		return err
-	}
-	sb.Family = b
-	return nil
-}
+func save(sb *store.Sandbox, st state) error { return sb.EncodeFamily(st) }
 
 // Sandboxer implements controller.Sandboxer for pods on the host.
 type Sandboxer struct {

@@ -179,3 +179,25 @@ func WriteFileAtomic(path string, data []byte) (retErr error) {
 	}
 	return nil
 }
+
+// DecodeFamily decodes the family's state into v; v is left as it is when
+// the sandbox has none yet.
+func (sb *Sandbox) DecodeFamily(v any) error {
+	if len(sb.Family) == 0 {
+		return nil
+	}
+	if err := json.Unmarshal(sb.Family, v); err != nil {
+		return fmt.Errorf("decode state of sandbox %s: %w", sb.ID, err)
+	}
+	return nil
+}
+
+// EncodeFamily stores v as the family's state.
+func (sb *Sandbox) EncodeFamily(v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode state of sandbox %s: %w", sb.ID, err)
+	}
+	sb.Family = b
+	return nil
+}
