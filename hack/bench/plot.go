@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"image/color"
 	"math"
 	"os"
 	"strconv"
@@ -14,11 +13,6 @@ import (
 	"gonum.org/v1/plot/vg/draw"
 	"gonum.org/v1/plot/vg/vgimg"
 )
-
-var colors = map[string]color.Color{
-	kuasar: color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff}, // blue
-	shim:   color.RGBA{R: 0xff, G: 0x7f, B: 0x0e, A: 0xff}, // orange
-}
 
 // cdfLine is the empirical CDF of ms as a step line.
 func cdfLine(ms []float64) (*plotter.Line, error) {
@@ -32,12 +26,17 @@ func cdfLine(ms []float64) (*plotter.Line, error) {
 	return plotter.NewLine(pts)
 }
 
-// plotStartup draws one CDF panel per mode (serial, parallel), both
-// runtimes in each.
+// plotStartup draws one CDF panel per mode (serial, parallel), one line
+// per series in each.
 func (r *results) plotStartup(path string, c config) error {
 	var panels []*plot.Plot
+	col := colors(r.series)
 	for _, mode := range []string{"serial", "parallel"} {
-		if len(r.byMode(kuasar, mode))+len(r.byMode(shim, mode)) == 0 {
+		n := 0
+		for _, s := range r.series {
+			n += len(r.byMode(s.Name, mode))
+		}
+		if n == 0 {
 			continue
 		}
 		p := plot.New()
@@ -47,15 +46,16 @@ func (r *results) plotStartup(path string, c config) error {
 		}
 		p.X.Label.Text = "RunPodSandbox → first log line (ms)"
 		p.Y.Label.Text = "fraction of pods"
-		// Headroom above 1 keeps the legend off the curves.
-		p.X.Min, p.Y.Min, p.Y.Max = 0, 0, 1.2
+		// Headroom above 1 keeps the legend off the curves (a line of the
+		// legend takes about 0.07).
+		p.X.Min, p.Y.Min, p.Y.Max = 0, 0, 1.2+0.07*float64(max(0, len(r.series)-2))
 		p.X.Tick.Marker = plainTicks{}
 		p.Y.Tick.Marker = plot.ConstantTicks([]plot.Tick{
 			{Value: 0, Label: "0"}, {Value: 0.25, Label: "0.25"}, {Value: 0.5, Label: "0.5"},
 			{Value: 0.75, Label: "0.75"}, {Value: 1, Label: "1"}})
 		p.Add(plotter.NewGrid())
-		for _, rt := range runtimes {
-			ms := totals(r.byMode(rt, mode))
+		for _, s := range r.series {
+			ms := totals(r.byMode(s.Name, mode))
 			if len(ms) == 0 {
 				continue
 			}
@@ -63,10 +63,10 @@ func (r *results) plotStartup(path string, c config) error {
 			if err != nil {
 				return err
 			}
-			l.Color = colors[rt]
+			l.Color = col[s.Name]
 			l.Width = vg.Points(1.5)
 			p.Add(l)
-			p.Legend.Add(fmt.Sprintf("%s (p50 %.0f ms)", label(rt), stats.Percentile(ms, 50)), l)
+			p.Legend.Add(fmt.Sprintf("%s (p50 %.0f ms)", s.Label(), stats.Percentile(ms, 50)), l)
 		}
 		p.Legend.Top, p.Legend.Left = true, true
 		p.Legend.XOffs, p.Legend.YOffs = vg.Points(8), vg.Points(-4)
@@ -94,29 +94,26 @@ func (r *results) plotMemory(path string) error {
 	p.Y.Label.Text = "summed PSS (MiB)"
 	p.X.Min, p.Y.Min = 0, 0
 	p.Add(plotter.NewGrid())
-	for _, rt := range runtimes {
+	col := colors(r.series)
+	for _, s := range r.series {
 		var pts plotter.XYs
 		for _, m := range r.memory {
-			if m.Runtime == rt {
+			if m.Runtime == s.Name {
 				pts = append(pts, plotter.XY{X: float64(m.Pods), Y: float64(m.TotalPSS()) / 1024})
 			}
 		}
 		if len(pts) == 0 {
 			continue
 		}
-		l, s, err := plotter.NewLinePoints(pts)
+		l, pt, err := plotter.NewLinePoints(pts)
 		if err != nil {
 			return err
 		}
-		l.Color, s.Color = colors[rt], colors[rt]
+		l.Color, pt.Color = col[s.Name], col[s.Name]
 		l.Width = vg.Points(1.5)
-		s.Shape = draw.CircleGlyph{}
-		p.Add(l, s)
-		what := "runc-sandboxer + holders"
-		if rt == shim {
-			what = "shims + pause"
-		}
-		p.Legend.Add(fmt.Sprintf("%s (%s)", label(rt), what), l, s)
+		pt.Shape = draw.CircleGlyph{}
+		p.Add(l, pt)
+		p.Legend.Add(fmt.Sprintf("%s (%s)", s.Label(), legendWhat[s.Handler]), l, pt)
 	}
 	p.Legend.Top, p.Legend.Left = true, true
 	p.Legend.XOffs, p.Legend.YOffs = vg.Points(8), vg.Points(-6)
@@ -124,7 +121,7 @@ func (r *results) plotMemory(path string) error {
 	for _, m := range r.memory {
 		maxY = max(maxY, float64(m.TotalPSS())/1024)
 	}
-	p.Y.Max = maxY * 1.2 // headroom for the legend
+	p.Y.Max = maxY * (1.2 + 0.08*float64(max(0, len(r.series)-2))) // headroom for the legend
 	var ticks []plot.Tick
 	for _, n := range r.podCounts() {
 		ticks = append(ticks, plot.Tick{Value: float64(n), Label: strconv.Itoa(n)})
@@ -134,6 +131,14 @@ func (r *results) plotMemory(path string) error {
 	img := vgimg.New(vg.Points(520), vg.Points(340))
 	p.Draw(draw.New(img))
 	return savePNG(img, path)
+}
+
+// legendWhat says in a few words what the memory of a handler counts.
+var legendWhat = map[string]string{
+	kuasar: "runc-sandboxer + holders",
+	shim:   "shims + pause",
+	wasm:   "wasm-sandboxer + holders",
+	quark:  "quark-sandboxer + runsc + waiters",
 }
 
 // plainTicks are about five round ticks (1, 2 or 5 times a power of ten)

@@ -13,9 +13,17 @@ import (
 func replot(dir string) error {
 	var r results
 	c := config{}
+	seen := map[string]bool{}
+	addSeries := func(name string) {
+		if !seen[name] {
+			seen[name] = true
+			r.series = append(r.series, seriesOf(name))
+		}
+	}
 	if rows, err := readCSV(filepath.Join(dir, "startup.csv")); err == nil {
 		for _, row := range rows {
 			s := sample{Runtime: row["runtime"], Mode: row["mode"], PodID: row["pod_id"]}
+			addSeries(s.Runtime)
 			s.Batch, _ = strconv.Atoi(row["batch"])
 			s.Index, _ = strconv.Atoi(row["index"])
 			s.Total = msDuration(row["total_ms"])
@@ -30,9 +38,18 @@ func replot(dir string) error {
 	if rows, err := readCSV(filepath.Join(dir, "memory.csv")); err == nil {
 		for _, row := range rows {
 			m := memRow{Runtime: row["runtime"]}
+			addSeries(m.Runtime)
 			m.Pods, _ = strconv.Atoi(row["pods"])
-			m.ManagerPSS, _ = strconv.ParseInt(row["manager_pss_kib"], 10, 64)
-			m.HelperPSS, _ = strconv.ParseInt(row["helper_pss_kib"], 10, 64)
+			if row["classes"] != "" {
+				if m.Classes, err = parseClasses(row["classes"]); err != nil {
+					return err
+				}
+			} else {
+				// Written before the classes column: manager and helpers.
+				mp, _ := strconv.ParseInt(row["manager_pss_kib"], 10, 64)
+				hp, _ := strconv.ParseInt(row["helper_pss_kib"], 10, 64)
+				m.Classes = []memClass{{Name: "manager", PSS: mp}, {Name: "helper", PSS: hp}}
+			}
 			r.memory = append(r.memory, m)
 		}
 	} else if !os.IsNotExist(err) {

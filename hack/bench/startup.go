@@ -54,35 +54,31 @@ func msOf(d time.Duration) float64 { return float64(d) / float64(time.Millisecon
 
 // pod is one pod with its one container.
 type pod struct {
-	rt  string
+	rt  string // series name
 	id  string
 	cfg *runtime.PodSandboxConfig
 	ctr *runtime.ContainerConfig
 	s   sample
 }
 
-// startPod runs a pod of rt with a busybox container that prints marker and
-// sleeps, and returns when the marker is in the container's CRI log. On
-// error the returned pod (when not nil) still has to be removed.
-func (b *bench) startPod(rt string) (*pod, error) {
+// startPod runs a pod of series s with a container that prints marker and
+// stays up (busybox sh; the WASI test program for wasm), and returns when
+// the marker is in the container's CRI log. On error the returned pod
+// (when not nil) still has to be removed.
+func (b *bench) startPod(s series) (*pod, error) {
 	cfg := b.env.PodConfig()
-	ctr := &runtime.ContainerConfig{
-		Metadata: &runtime.ContainerMetadata{Name: "bench"},
-		Image:    &runtime.ImageSpec{Image: testenv.BusyboxImage},
-		Args:     []string{"sh", "-c", "echo " + marker + "; exec sleep 86400"},
-		LogPath:  "bench_0.log",
-		Linux:    &runtime.LinuxContainerConfig{},
-	}
+	cfg.Annotations = s.annotations()
+	ctr := s.container()
 	// Out of the timed part (RunPod would make it too).
 	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
 		return nil, err
 	}
-	p := &pod{rt: rt, cfg: cfg, ctr: ctr, s: sample{Runtime: rt}}
+	p := &pod{rt: s.Name, cfg: cfg, ctr: ctr, s: sample{Runtime: s.Name}}
 	ctx, cancel := context.WithTimeout(context.Background(), b.c.timeout)
 	defer cancel()
 
 	t0 := time.Now()
-	rp, err := b.env.Runtime.RunPodSandbox(ctx, &runtime.RunPodSandboxRequest{Config: cfg, RuntimeHandler: rt})
+	rp, err := b.env.Runtime.RunPodSandbox(ctx, &runtime.RunPodSandboxRequest{Config: cfg, RuntimeHandler: s.Handler})
 	if err != nil {
 		return nil, fmt.Errorf("RunPodSandbox: %w", err)
 	}
@@ -185,13 +181,13 @@ func (b *bench) stopPods(pods []*pod) error {
 
 // one starts a pod, removes it and returns its sample; a failure ends the
 // benchmark (after removing what was made).
-func (b *bench) one(rt string) sample {
-	p, err := b.startPod(rt)
+func (b *bench) one(s series) sample {
+	p, err := b.startPod(s)
 	if serr := b.stopPod(p); serr != nil && err == nil {
 		err = serr
 	}
 	if err != nil {
-		b.tb.Fatalf("bench: %s: %v", rt, err)
+		b.tb.Fatalf("bench: %s: %v", s.Name, err)
 	}
 	return p.s
 }
@@ -202,12 +198,14 @@ func (b *bench) checkStop() {
 	}
 }
 
-// order alternates which runtime goes first, so drift and noise hit both.
-func order(i int) []string {
-	if i%2 == 0 {
-		return []string{kuasar, shim}
+// order rotates which series goes first, round by round, so drift and
+// noise hit all alike (with two series: they alternate).
+func order(ss []series, i int) []series {
+	out := make([]series, 0, len(ss))
+	for j := range ss {
+		out = append(out, ss[(i+j)%len(ss)])
 	}
-	return []string{shim, kuasar}
+	return out
 }
 
 func (b *bench) warm() {
@@ -216,12 +214,12 @@ func (b *bench) warm() {
 	}
 	t0 := time.Now()
 	for i := 0; i < b.c.warmup; i++ {
-		for _, rt := range order(i) {
+		for _, s := range order(b.c.series, i) {
 			b.checkStop()
-			b.one(rt)
+			b.one(s)
 		}
 	}
-	b.tb.Logf("bench: warm-up: %d pods per runtime in %v", b.c.warmup, time.Since(t0).Round(time.Millisecond))
+	b.tb.Logf("bench: warm-up: %d pods per series in %v", b.c.warmup, time.Since(t0).Round(time.Millisecond))
 }
 
 func (b *bench) serial(res *results) {
@@ -231,16 +229,19 @@ func (b *bench) serial(res *results) {
 	t0 := time.Now()
 	got := map[string][]float64{}
 	for i := 0; i < b.c.serial; i++ {
-		for _, rt := range order(i) {
+		for _, s := range order(b.c.series, i) {
 			b.checkStop()
-			s := b.one(rt)
-			s.Mode, s.Index = "serial", i
-			res.startup = append(res.startup, s)
-			got[rt] = append(got[rt], s.ms())
+			smp := b.one(s)
+			smp.Mode, smp.Index = "serial", i
+			res.startup = append(res.startup, smp)
+			got[s.Name] = append(got[s.Name], smp.ms())
 		}
 		if (i+1)%10 == 0 || i+1 == b.c.serial {
-			b.tb.Logf("bench: serial %d/%d: p50 %s %.1f ms, %s %.1f ms (%v)", i+1, b.c.serial,
-				kuasar, stats.Percentile(got[kuasar], 50), shim, stats.Percentile(got[shim], 50),
+			var p50s []string
+			for _, s := range b.c.series {
+				p50s = append(p50s, fmt.Sprintf("%s %.1f ms", s.Name, stats.Percentile(got[s.Name], 50)))
+			}
+			b.tb.Logf("bench: serial %d/%d: p50 %s (%v)", i+1, b.c.serial, strings.Join(p50s, ", "),
 				time.Since(t0).Round(time.Second))
 		}
 	}
@@ -249,10 +250,10 @@ func (b *bench) serial(res *results) {
 func (b *bench) parallelRuns(res *results) {
 	t0 := time.Now()
 	for bt := 0; bt < b.c.batches; bt++ {
-		for _, rt := range order(bt) {
+		for _, s := range order(b.c.series, bt) {
 			b.checkStop()
 			start := time.Now()
-			ss := b.batch(rt)
+			ss := b.batch(s)
 			var ms []float64
 			for i := range ss {
 				ss[i].Mode, ss[i].Batch, ss[i].Index = "parallel", bt, i
@@ -260,7 +261,7 @@ func (b *bench) parallelRuns(res *results) {
 			}
 			res.startup = append(res.startup, ss...)
 			b.tb.Logf("bench: parallel batch %d/%d %s: %d pods, p50 %.1f ms, slowest %.1f ms (batch with teardown %v)",
-				bt+1, b.c.batches, rt, len(ss), stats.Percentile(ms, 50), stats.Percentile(ms, 100),
+				bt+1, b.c.batches, s.Name, len(ss), stats.Percentile(ms, 50), stats.Percentile(ms, 100),
 				time.Since(start).Round(time.Millisecond))
 		}
 	}
@@ -269,8 +270,8 @@ func (b *bench) parallelRuns(res *results) {
 	}
 }
 
-// batch starts c.parallel pods of rt at once, then removes them.
-func (b *bench) batch(rt string) []sample {
+// batch starts c.parallel pods of s at once, then removes them.
+func (b *bench) batch(s series) []sample {
 	n := b.c.parallel
 	pods := make([]*pod, n)
 	errs := make([]error, n)
@@ -283,7 +284,7 @@ func (b *bench) batch(rt string) []sample {
 			defer done.Done()
 			ready.Done()
 			<-gate
-			pods[i], errs[i] = b.startPod(rt)
+			pods[i], errs[i] = b.startPod(s)
 		}()
 	}
 	ready.Wait()
@@ -294,7 +295,7 @@ func (b *bench) batch(rt string) []sample {
 		err = serr
 	}
 	if err != nil {
-		b.tb.Fatalf("bench: %s parallel batch: %v", rt, err)
+		b.tb.Fatalf("bench: %s parallel batch: %v", s.Name, err)
 	}
 	out := make([]sample, n)
 	for i, p := range pods {
