@@ -98,15 +98,20 @@ func TestServiceShutdownPowersOffOnce(t *testing.T) {
 	}
 }
 
-func TestServicePingAndUnimplemented(t *testing.T) {
-	s := &Service{Log: zaptest.NewLogger(t), ServingSince: 1500 * time.Millisecond}
+func TestServicePingAndNoContainers(t *testing.T) {
+	_, cerr := NewContainers(t.TempDir(), filepath.Join(t.TempDir(), "runc"), t.TempDir(), zaptest.NewLogger(t))
+	if cerr == nil || !strings.Contains(cerr.Error(), "mkguest -runc") {
+		t.Fatalf("containers without runc: %v, want an error naming mkguest -runc", cerr)
+	}
+	s := &Service{Log: zaptest.NewLogger(t), ServingSince: 1500 * time.Millisecond, ContainersErr: cerr}
 	ctx := context.Background()
 	p, err := s.Ping(ctx, &vmmtask.PingRequest{})
 	if err != nil || p.BootToServeNs != int64(1500*time.Millisecond) || !strings.HasPrefix(p.Version, "vmm-task ") || p.UptimeNs <= 0 {
 		t.Fatalf("ping %+v, %v", p, err)
 	}
-	if _, err := s.CreateContainer(ctx, &vmmtask.CreateContainerRequest{}); status.Code(err) != codes.Unimplemented {
-		t.Fatalf("CreateContainer: %v, want Unimplemented", err)
+	if _, err := s.CreateContainer(ctx, &vmmtask.CreateContainerRequest{}); status.Code(err) != codes.FailedPrecondition ||
+		!strings.Contains(err.Error(), "runc") {
+		t.Fatalf("CreateContainer without runc: %v, want FailedPrecondition naming runc", err)
 	}
 	if _, err := s.Mount(ctx, &vmmtask.MountRequest{Target: "rel"}); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("relative mount target: %v", err)

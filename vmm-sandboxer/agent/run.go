@@ -15,6 +15,14 @@ import (
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/transport"
 )
 
+// Where the guest keeps containers: bundles, runc's state, runc itself
+// (mkguest puts Debian's runc at its own path).
+const (
+	ContainersRoot = "/run/kuasar/containers"
+	RuncRoot       = "/run/runc"
+	RuncPath       = "/usr/sbin/runc"
+)
+
 // consoleLogger logs in plain text to the console (PID 1's stderr), which
 // the host keeps as the VM's console log.
 func consoleLogger(debug bool) *zap.Logger {
@@ -73,7 +81,23 @@ func Main() error {
 	if err != nil {
 		return err
 	}
-	svc := &Service{Log: log, ServingSince: BootClock()}
+	svc := &Service{Log: log}
+	svc.Containers, svc.ContainersErr = NewContainers(ContainersRoot, RuncPath, RuncRoot, log)
+	if svc.ContainersErr != nil {
+		warnings = append(warnings, "containers: "+svc.ContainersErr.Error())
+		log.Warn("containers unavailable", zap.Error(svc.ContainersErr))
+	} else {
+		iol, err := gl.Listen(transport.IOPort)
+		if err != nil {
+			return fmt.Errorf("listen on the IO port: %w", err)
+		}
+		go func() {
+			if err := svc.Containers.ServeIO(iol); err != nil {
+				log.Warn("io port", zap.Error(err))
+			}
+		}()
+	}
+	svc.ServingSince = BootClock()
 	svc.AddWarnings(warnings...)
 	vmmtask.RegisterAgentService(srv, svc)
 	log.Info("serving", zap.String("transport", gl.Kind), zap.String("device", gl.Device),

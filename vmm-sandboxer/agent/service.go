@@ -33,6 +33,11 @@ type Service struct {
 	// guest, a temporary directory in tests.
 	Root string
 
+	// Containers runs containers; nil when the guest cannot (ContainersErr
+	// says why), and container calls fail with FailedPrecondition.
+	Containers    *Containers
+	ContainersErr error
+
 	mu       sync.Mutex
 	warnings []string
 	shutdown bool
@@ -213,33 +218,79 @@ func unimplemented(what string) error {
 	return status.Errorf(codes.Unimplemented, "vmm-task: %s is not implemented yet", what)
 }
 
-func (s *Service) CreateContainer(context.Context, *vmmtask.CreateContainerRequest) (*vmmtask.CreateContainerResponse, error) {
-	return nil, unimplemented("CreateContainer")
+// noContainers is the answer of container calls in a guest that cannot run
+// containers (no runc in the image).
+func (s *Service) noContainers() error {
+	msg := "no container runtime"
+	if s.ContainersErr != nil {
+		msg = s.ContainersErr.Error()
+	}
+	return status.Errorf(codes.FailedPrecondition, "vmm-task: containers unavailable: %s", msg)
 }
-func (s *Service) StartProcess(context.Context, *vmmtask.StartProcessRequest) (*vmmtask.StartProcessResponse, error) {
-	return nil, unimplemented("StartProcess")
+
+func (s *Service) CreateContainer(ctx context.Context, r *vmmtask.CreateContainerRequest) (*vmmtask.CreateContainerResponse, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.Create(ctx, r)
 }
-func (s *Service) ExecProcess(context.Context, *vmmtask.ExecProcessRequest) (*vmmtask.Empty, error) {
-	return nil, unimplemented("ExecProcess")
+func (s *Service) StartProcess(ctx context.Context, r *vmmtask.StartProcessRequest) (*vmmtask.StartProcessResponse, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.Start(ctx, r)
 }
-func (s *Service) SignalProcess(context.Context, *vmmtask.SignalProcessRequest) (*vmmtask.Empty, error) {
-	return nil, unimplemented("SignalProcess")
+func (s *Service) ExecProcess(ctx context.Context, r *vmmtask.ExecProcessRequest) (*vmmtask.Empty, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.Exec(ctx, r)
 }
-func (s *Service) WaitProcess(context.Context, *vmmtask.WaitProcessRequest) (*vmmtask.WaitProcessResponse, error) {
-	return nil, unimplemented("WaitProcess")
+func (s *Service) SignalProcess(ctx context.Context, r *vmmtask.SignalProcessRequest) (*vmmtask.Empty, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.Signal(ctx, r)
 }
-func (s *Service) DeleteProcess(context.Context, *vmmtask.DeleteProcessRequest) (*vmmtask.DeleteProcessResponse, error) {
-	return nil, unimplemented("DeleteProcess")
+func (s *Service) WaitProcess(ctx context.Context, r *vmmtask.WaitProcessRequest) (*vmmtask.WaitProcessResponse, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.Wait(ctx, r)
 }
-func (s *Service) CloseStdin(context.Context, *vmmtask.CloseStdinRequest) (*vmmtask.Empty, error) {
-	return nil, unimplemented("CloseStdin")
+func (s *Service) DeleteProcess(ctx context.Context, r *vmmtask.DeleteProcessRequest) (*vmmtask.DeleteProcessResponse, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.Delete(ctx, r)
 }
-func (s *Service) ResizePty(context.Context, *vmmtask.ResizePtyRequest) (*vmmtask.Empty, error) {
-	return nil, unimplemented("ResizePty")
+func (s *Service) CloseStdin(ctx context.Context, r *vmmtask.CloseStdinRequest) (*vmmtask.Empty, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.CloseStdin(ctx, r)
 }
-func (s *Service) ContainerStats(context.Context, *vmmtask.ContainerStatsRequest) (*vmmtask.ContainerStatsResponse, error) {
-	return nil, unimplemented("ContainerStats")
+func (s *Service) ResizePty(ctx context.Context, r *vmmtask.ResizePtyRequest) (*vmmtask.Empty, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.ResizePty(ctx, r)
 }
-func (s *Service) Events(context.Context, *vmmtask.EventsRequest, vmmtask.Agent_EventsServer) error {
-	return unimplemented("Events")
+func (s *Service) ContainerStats(ctx context.Context, r *vmmtask.ContainerStatsRequest) (*vmmtask.ContainerStatsResponse, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.Stats(ctx, r)
+}
+func (s *Service) ProcessState(ctx context.Context, r *vmmtask.ProcessStateRequest) (*vmmtask.ProcessStateResponse, error) {
+	if s.Containers == nil {
+		return nil, s.noContainers()
+	}
+	return s.Containers.State(ctx, r)
+}
+func (s *Service) Events(ctx context.Context, _ *vmmtask.EventsRequest, srv vmmtask.Agent_EventsServer) error {
+	if s.Containers == nil {
+		return s.noContainers()
+	}
+	return s.Containers.Events(ctx, srv.Send)
 }

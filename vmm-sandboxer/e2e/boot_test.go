@@ -6,6 +6,7 @@ package e2e
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -21,11 +22,30 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/agentclient"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/guest"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor/qemu"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/transport"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/virtiofs"
 )
+
+// processesMentioning lists the PIDs whose command line contains s.
+func processesMentioning(s string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		var pid int
+		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.Contains(string(b), s) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
 
 // buildGuest builds vmm-task (static) and, with mkguest (as `make guest`
 // does; built outside the race detector, which would make compression 10x
@@ -67,8 +87,10 @@ func buildGuest(t *testing.T, dir string) (kernelVersion, kernel, initrd string)
 
 // TestE2EVMMBootAndPing boots one pod VM under TCG, reaches vmm-task over
 // the virtio-serial multiplexer, checks what the guest reports about itself
-// (kernel, modules, mounts), sets it up, and shuts it down through the
-// agent: QEMU exits by itself and nothing is left behind.
+// (kernel, modules, mounts), sets it up (with a virtio-fs share served by
+// virtiofsd), runs containers in it (subtest ContainerInGuest: the one
+// boot serves both), and shuts it down through the agent: QEMU and
+// virtiofsd exit by themselves and nothing is left behind.
 func TestE2EVMMBootAndPing(t *testing.T) {
 	dir := t.TempDir()
 	kver, kernel, initrd := buildGuest(t, dir)
@@ -83,15 +105,21 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 	guestMAC, _ := net.ParseMAC("02:42:0a:fe:00:02")
 	vmDir := filepath.Join(dir, "vm")
 	sock := filepath.Join(vmDir, "agent.sock")
+	share := agentclient.Share{HostDir: filepath.Join(vmDir, "shared"), GuestDir: "/run/kuasar/shared"}
+	if err := os.MkdirAll(share.HostDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	fsSock := filepath.Join(vmDir, "virtiofs.sock")
 	cfg := hypervisor.Config{
 		ID: "e2e", Dir: vmDir, Kernel: kernel, Initrd: initrd,
 		Cmdline: "console=ttyS0 quiet panic=-1 kuasar.port=kuasar.agent",
-		CPUs:    1, MemoryMiB: 256, Accel: hypervisor.AccelTCG,
+		CPUs:    1, MemoryMiB: 256, Accel: hypervisor.AccelTCG, SharedMemory: true,
 		Devices: []hypervisor.Device{
 			&hypervisor.Console{ID: "console"},
 			&hypervisor.RNG{ID: "rng"},
 			&hypervisor.SerialPort{ID: "agent", Name: "kuasar.agent", SocketPath: sock},
 			&hypervisor.TapNet{ID: "net0", Files: []*os.File{pn.tap}, MAC: guestMAC},
+			&hypervisor.VirtioFS{ID: "fs0", Tag: "kuasar", SocketPath: fsSock},
 		},
 	}
 	vm, err := qemu.New(cfg, zaptest.NewLogger(t))
@@ -101,6 +129,20 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	t0 := time.Now()
+	fsd, err := virtiofs.Start(ctx, virtiofs.Config{SocketPath: fsSock, SharedDir: share.HostDir}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fsPID := fsd.PID()
+	t.Cleanup(func() {
+		fsd.Stop(context.Background())
+		if _, err := os.Stat(fsSock); !os.IsNotExist(err) {
+			t.Errorf("%s left behind", fsSock)
+		}
+		if pids := processesMentioning(fsSock); len(pids) > 0 {
+			t.Errorf("virtiofsd processes %v left behind", pids)
+		}
+	})
 	if err := vm.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -180,7 +222,10 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 	// Hostname, clock and a mount through the agent.
 	_, err = agent.SetupSandbox(ctx, &vmmtask.SetupSandboxRequest{
 		Hostname: "kuasar-e2e", TimeUnixNs: time.Now().UnixNano(), DnsServers: []string{"10.0.0.53"},
-		Mounts: []*vmmtask.MountRequest{{Source: "tmpfs", Target: "/run/kuasar/test", Type: "tmpfs", Options: []string{"size=1m"}}},
+		Mounts: []*vmmtask.MountRequest{
+			{Source: "tmpfs", Target: "/run/kuasar/test", Type: "tmpfs", Options: []string{"size=1m"}},
+			{Source: "kuasar", Target: share.GuestDir, Type: "virtiofs"},
+		},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -195,20 +240,24 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 	if d := time.Since(time.Unix(0, info.TimeUnixNs)); d > 5*time.Second || d < -5*time.Second {
 		t.Errorf("guest clock off by %s after SetupSandbox", d)
 	}
-	found := false
+	found, foundShare := false, false
 	for _, m := range info.Mounts {
 		found = found || (m.Target == "/run/kuasar/test" && m.Type == "tmpfs")
+		foundShare = foundShare || (m.Target == share.GuestDir && m.Type == "virtiofs")
 	}
 	if !found {
 		t.Error("the tmpfs SetupSandbox mounted is not in the guest's mounts")
+	}
+	if !foundShare {
+		t.Errorf("the virtio-fs share is not mounted at %s: %v", share.GuestDir, info.Mounts)
 	}
 	if _, err := agent.Mount(ctx, &vmmtask.MountRequest{Source: "x", Target: "relative", Type: "tmpfs"}); err == nil ||
 		!strings.Contains(err.Error(), "not an absolute path") {
 		t.Errorf("mount on a relative target: %v", err)
 	}
-	if _, err := agent.CreateContainer(ctx, &vmmtask.CreateContainerRequest{ContainerId: "c"}); err == nil ||
-		!strings.Contains(err.Error(), "not implemented") {
-		t.Errorf("CreateContainer: %v", err)
+	if _, err := agent.CreateContainer(ctx, &vmmtask.CreateContainerRequest{ContainerId: "c", Spec: []byte("{")}); err == nil ||
+		!strings.Contains(err.Error(), "spec") {
+		t.Errorf("CreateContainer with a broken spec: %v", err)
 	}
 
 	// The pod's network: the guest's NIC (found by MAC) gets the pod's
@@ -228,6 +277,15 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 	}
 	t.Logf("host side pinged the guest's eth0 in %s", time.Since(t3).Round(time.Millisecond))
 
+	t.Run("ContainerInGuest", func(t *testing.T) {
+		cl, err := agentclient.Dial(ctx, dialer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Close()
+		testContainerInGuest(t, ctx, cl, share)
+	})
+
 	// Shutdown: the guest powers off and QEMU exits by itself.
 	t2 := time.Now()
 	if _, err := agent.Shutdown(ctx, &vmmtask.ShutdownRequest{}); err != nil {
@@ -243,4 +301,9 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 		t.Errorf("qemu ended with %s, want exit code 0", st)
 	}
 	t.Logf("shutdown to qemu exit: %s", time.Since(t2).Round(time.Millisecond))
+	select {
+	case <-fsd.Exited():
+	case <-time.After(5 * time.Second):
+		t.Errorf("virtiofsd (pid %d) did not exit when the VM went away", fsPID)
+	}
 }

@@ -75,7 +75,7 @@ func (x IOStreamHeader_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use IOStreamHeader_Kind.Descriptor instead.
 func (IOStreamHeader_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{33, 0}
+	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{35, 0}
 }
 
 type Empty struct {
@@ -921,7 +921,8 @@ type CreateContainerRequest struct {
 	ContainerId string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
 	// The OCI runtime spec (config.json), adjusted for the guest.
 	Spec []byte `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
-	// Mounts making up the rootfs, done by the agent at <bundle>/rootfs.
+	// Mounts making up the rootfs, done by the agent at <bundle>/rootfs
+	// (guest paths: a bind mount of a directory in the virtio-fs share).
 	Rootfs        []*MountRequest `protobuf:"bytes,3,rep,name=rootfs,proto3" json:"rootfs,omitempty"`
 	Terminal      bool            `protobuf:"varint,4,opt,name=terminal,proto3" json:"terminal,omitempty"`
 	Stdin         bool            `protobuf:"varint,5,opt,name=stdin,proto3" json:"stdin,omitempty"`
@@ -1758,6 +1759,128 @@ func (x *ContainerStatsResponse) GetPids() uint64 {
 	return 0
 }
 
+type ProcessStateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ContainerId   string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	ExecId        string                 `protobuf:"bytes,2,opt,name=exec_id,json=execId,proto3" json:"exec_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessStateRequest) Reset() {
+	*x = ProcessStateRequest{}
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessStateRequest) ProtoMessage() {}
+
+func (x *ProcessStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessStateRequest.ProtoReflect.Descriptor instead.
+func (*ProcessStateRequest) Descriptor() ([]byte, []int) {
+	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ProcessStateRequest) GetContainerId() string {
+	if x != nil {
+		return x.ContainerId
+	}
+	return ""
+}
+
+func (x *ProcessStateRequest) GetExecId() string {
+	if x != nil {
+		return x.ExecId
+	}
+	return ""
+}
+
+type ProcessStateResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Pid   uint32                 `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	// CREATED, RUNNING, STOPPED, PAUSED, PAUSING or UNKNOWN (containerd's
+	// task status names).
+	Status         string `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
+	ExitStatus     uint32 `protobuf:"varint,3,opt,name=exit_status,json=exitStatus,proto3" json:"exit_status,omitempty"`
+	ExitedAtUnixNs int64  `protobuf:"varint,4,opt,name=exited_at_unix_ns,json=exitedAtUnixNs,proto3" json:"exited_at_unix_ns,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ProcessStateResponse) Reset() {
+	*x = ProcessStateResponse{}
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessStateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessStateResponse) ProtoMessage() {}
+
+func (x *ProcessStateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessStateResponse.ProtoReflect.Descriptor instead.
+func (*ProcessStateResponse) Descriptor() ([]byte, []int) {
+	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ProcessStateResponse) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *ProcessStateResponse) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *ProcessStateResponse) GetExitStatus() uint32 {
+	if x != nil {
+		return x.ExitStatus
+	}
+	return 0
+}
+
+func (x *ProcessStateResponse) GetExitedAtUnixNs() int64 {
+	if x != nil {
+		return x.ExitedAtUnixNs
+	}
+	return 0
+}
+
 type EventsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1766,7 +1889,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[28]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1901,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[28]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1914,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{28}
+	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{30}
 }
 
 type Event struct {
@@ -1809,7 +1932,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[29]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1821,7 +1944,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[29]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1834,7 +1957,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{29}
+	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Event) GetContainerId() string {
@@ -1903,7 +2026,7 @@ type ExitEvent struct {
 
 func (x *ExitEvent) Reset() {
 	*x = ExitEvent{}
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[30]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1915,7 +2038,7 @@ func (x *ExitEvent) String() string {
 func (*ExitEvent) ProtoMessage() {}
 
 func (x *ExitEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[30]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1928,7 +2051,7 @@ func (x *ExitEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExitEvent.ProtoReflect.Descriptor instead.
 func (*ExitEvent) Descriptor() ([]byte, []int) {
-	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{30}
+	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ExitEvent) GetPid() uint32 {
@@ -1960,7 +2083,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[31]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1972,7 +2095,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[31]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1985,7 +2108,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{31}
+	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{33}
 }
 
 type ShutdownRequest struct {
@@ -1996,7 +2119,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[32]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2008,7 +2131,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[32]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2021,12 +2144,16 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{32}
+	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{34}
 }
 
 // IOStreamHeader opens a container process's IO stream: the host writes
 // it, length-prefixed (4 bytes, big endian), as the first bytes of a new
-// stream on the IO port; the rest of the stream is the data.
+// stream on the IO port, after CreateContainer or ExecProcess asked for
+// that stream and before StartProcess. The guest answers with a
+// length-prefixed error text, empty when the stream is attached; the rest
+// of the stream is the data. The guest ends an output stream when the
+// process's side of it closes; the host ends stdin by closing its side.
 type IOStreamHeader struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	ContainerId   string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
@@ -2038,7 +2165,7 @@ type IOStreamHeader struct {
 
 func (x *IOStreamHeader) Reset() {
 	*x = IOStreamHeader{}
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[33]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2050,7 +2177,7 @@ func (x *IOStreamHeader) String() string {
 func (*IOStreamHeader) ProtoMessage() {}
 
 func (x *IOStreamHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_vmmtask_v1_agent_proto_msgTypes[33]
+	mi := &file_vmmtask_v1_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2063,7 +2190,7 @@ func (x *IOStreamHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IOStreamHeader.ProtoReflect.Descriptor instead.
 func (*IOStreamHeader) Descriptor() ([]byte, []int) {
-	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{33}
+	return file_vmmtask_v1_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *IOStreamHeader) GetContainerId() string {
@@ -2213,7 +2340,16 @@ const file_vmmtask_v1_agent_proto_rawDesc = "" +
 	"cpuUsageNs\x12,\n" +
 	"\x12memory_usage_bytes\x18\x02 \x01(\x04R\x10memoryUsageBytes\x12,\n" +
 	"\x12memory_limit_bytes\x18\x03 \x01(\x04R\x10memoryLimitBytes\x12\x12\n" +
-	"\x04pids\x18\x04 \x01(\x04R\x04pids\"\x0f\n" +
+	"\x04pids\x18\x04 \x01(\x04R\x04pids\"Q\n" +
+	"\x13ProcessStateRequest\x12!\n" +
+	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x17\n" +
+	"\aexec_id\x18\x02 \x01(\tR\x06execId\"\x8c\x01\n" +
+	"\x14ProcessStateResponse\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\rR\x03pid\x12\x16\n" +
+	"\x06status\x18\x02 \x01(\tR\x06status\x12\x1f\n" +
+	"\vexit_status\x18\x03 \x01(\rR\n" +
+	"exitStatus\x12)\n" +
+	"\x11exited_at_unix_ns\x18\x04 \x01(\x03R\x0eexitedAtUnixNs\"\x0f\n" +
 	"\rEventsRequest\"\xb0\x01\n" +
 	"\x05Event\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x17\n" +
@@ -2238,7 +2374,7 @@ const file_vmmtask_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x06STDOUT\x10\x01\x12\n" +
 	"\n" +
-	"\x06STDERR\x10\x022\xf6\v\n" +
+	"\x06STDERR\x10\x022\xd7\f\n" +
 	"\x05Agent\x12G\n" +
 	"\x04Ping\x12\x1e.kuasar.vmmtask.v1.PingRequest\x1a\x1f.kuasar.vmmtask.v1.PingResponse\x12V\n" +
 	"\tGuestInfo\x12#.kuasar.vmmtask.v1.GuestInfoRequest\x1a$.kuasar.vmmtask.v1.GuestInfoResponse\x12P\n" +
@@ -2256,7 +2392,8 @@ const file_vmmtask_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"CloseStdin\x12$.kuasar.vmmtask.v1.CloseStdinRequest\x1a\x18.kuasar.vmmtask.v1.Empty\x12J\n" +
 	"\tResizePty\x12#.kuasar.vmmtask.v1.ResizePtyRequest\x1a\x18.kuasar.vmmtask.v1.Empty\x12e\n" +
-	"\x0eContainerStats\x12(.kuasar.vmmtask.v1.ContainerStatsRequest\x1a).kuasar.vmmtask.v1.ContainerStatsResponse\x12F\n" +
+	"\x0eContainerStats\x12(.kuasar.vmmtask.v1.ContainerStatsRequest\x1a).kuasar.vmmtask.v1.ContainerStatsResponse\x12_\n" +
+	"\fProcessState\x12&.kuasar.vmmtask.v1.ProcessStateRequest\x1a'.kuasar.vmmtask.v1.ProcessStateResponse\x12F\n" +
 	"\x06Events\x12 .kuasar.vmmtask.v1.EventsRequest\x1a\x18.kuasar.vmmtask.v1.Event0\x01\x12H\n" +
 	"\bShutdown\x12\".kuasar.vmmtask.v1.ShutdownRequest\x1a\x18.kuasar.vmmtask.v1.EmptyB9Z7github.com/kuasar-go/kuasar-go/proto/vmmtask/v1;vmmtaskb\x06proto3"
 
@@ -2273,7 +2410,7 @@ func file_vmmtask_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_vmmtask_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_vmmtask_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_vmmtask_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_vmmtask_v1_agent_proto_goTypes = []any{
 	(IOStreamHeader_Kind)(0),        // 0: kuasar.vmmtask.v1.IOStreamHeader.Kind
 	(*Empty)(nil),                   // 1: kuasar.vmmtask.v1.Empty
@@ -2304,12 +2441,14 @@ var file_vmmtask_v1_agent_proto_goTypes = []any{
 	(*ResizePtyRequest)(nil),        // 26: kuasar.vmmtask.v1.ResizePtyRequest
 	(*ContainerStatsRequest)(nil),   // 27: kuasar.vmmtask.v1.ContainerStatsRequest
 	(*ContainerStatsResponse)(nil),  // 28: kuasar.vmmtask.v1.ContainerStatsResponse
-	(*EventsRequest)(nil),           // 29: kuasar.vmmtask.v1.EventsRequest
-	(*Event)(nil),                   // 30: kuasar.vmmtask.v1.Event
-	(*ExitEvent)(nil),               // 31: kuasar.vmmtask.v1.ExitEvent
-	(*OOMEvent)(nil),                // 32: kuasar.vmmtask.v1.OOMEvent
-	(*ShutdownRequest)(nil),         // 33: kuasar.vmmtask.v1.ShutdownRequest
-	(*IOStreamHeader)(nil),          // 34: kuasar.vmmtask.v1.IOStreamHeader
+	(*ProcessStateRequest)(nil),     // 29: kuasar.vmmtask.v1.ProcessStateRequest
+	(*ProcessStateResponse)(nil),    // 30: kuasar.vmmtask.v1.ProcessStateResponse
+	(*EventsRequest)(nil),           // 31: kuasar.vmmtask.v1.EventsRequest
+	(*Event)(nil),                   // 32: kuasar.vmmtask.v1.Event
+	(*ExitEvent)(nil),               // 33: kuasar.vmmtask.v1.ExitEvent
+	(*OOMEvent)(nil),                // 34: kuasar.vmmtask.v1.OOMEvent
+	(*ShutdownRequest)(nil),         // 35: kuasar.vmmtask.v1.ShutdownRequest
+	(*IOStreamHeader)(nil),          // 36: kuasar.vmmtask.v1.IOStreamHeader
 }
 var file_vmmtask_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: kuasar.vmmtask.v1.GuestInfoResponse.mounts:type_name -> kuasar.vmmtask.v1.MountInfo
@@ -2319,8 +2458,8 @@ var file_vmmtask_v1_agent_proto_depIdxs = []int32{
 	9,  // 4: kuasar.vmmtask.v1.UpdateInterfacesRequest.interfaces:type_name -> kuasar.vmmtask.v1.Interface
 	11, // 5: kuasar.vmmtask.v1.UpdateRoutesRequest.routes:type_name -> kuasar.vmmtask.v1.Route
 	13, // 6: kuasar.vmmtask.v1.CreateContainerRequest.rootfs:type_name -> kuasar.vmmtask.v1.MountRequest
-	31, // 7: kuasar.vmmtask.v1.Event.exit:type_name -> kuasar.vmmtask.v1.ExitEvent
-	32, // 8: kuasar.vmmtask.v1.Event.oom:type_name -> kuasar.vmmtask.v1.OOMEvent
+	33, // 7: kuasar.vmmtask.v1.Event.exit:type_name -> kuasar.vmmtask.v1.ExitEvent
+	34, // 8: kuasar.vmmtask.v1.Event.oom:type_name -> kuasar.vmmtask.v1.OOMEvent
 	0,  // 9: kuasar.vmmtask.v1.IOStreamHeader.kind:type_name -> kuasar.vmmtask.v1.IOStreamHeader.Kind
 	2,  // 10: kuasar.vmmtask.v1.Agent.Ping:input_type -> kuasar.vmmtask.v1.PingRequest
 	4,  // 11: kuasar.vmmtask.v1.Agent.GuestInfo:input_type -> kuasar.vmmtask.v1.GuestInfoRequest
@@ -2338,28 +2477,30 @@ var file_vmmtask_v1_agent_proto_depIdxs = []int32{
 	25, // 23: kuasar.vmmtask.v1.Agent.CloseStdin:input_type -> kuasar.vmmtask.v1.CloseStdinRequest
 	26, // 24: kuasar.vmmtask.v1.Agent.ResizePty:input_type -> kuasar.vmmtask.v1.ResizePtyRequest
 	27, // 25: kuasar.vmmtask.v1.Agent.ContainerStats:input_type -> kuasar.vmmtask.v1.ContainerStatsRequest
-	29, // 26: kuasar.vmmtask.v1.Agent.Events:input_type -> kuasar.vmmtask.v1.EventsRequest
-	33, // 27: kuasar.vmmtask.v1.Agent.Shutdown:input_type -> kuasar.vmmtask.v1.ShutdownRequest
-	3,  // 28: kuasar.vmmtask.v1.Agent.Ping:output_type -> kuasar.vmmtask.v1.PingResponse
-	5,  // 29: kuasar.vmmtask.v1.Agent.GuestInfo:output_type -> kuasar.vmmtask.v1.GuestInfoResponse
-	1,  // 30: kuasar.vmmtask.v1.Agent.SetupSandbox:output_type -> kuasar.vmmtask.v1.Empty
-	1,  // 31: kuasar.vmmtask.v1.Agent.UpdateInterfaces:output_type -> kuasar.vmmtask.v1.Empty
-	1,  // 32: kuasar.vmmtask.v1.Agent.UpdateRoutes:output_type -> kuasar.vmmtask.v1.Empty
-	1,  // 33: kuasar.vmmtask.v1.Agent.Mount:output_type -> kuasar.vmmtask.v1.Empty
-	1,  // 34: kuasar.vmmtask.v1.Agent.Unmount:output_type -> kuasar.vmmtask.v1.Empty
-	16, // 35: kuasar.vmmtask.v1.Agent.CreateContainer:output_type -> kuasar.vmmtask.v1.CreateContainerResponse
-	18, // 36: kuasar.vmmtask.v1.Agent.StartProcess:output_type -> kuasar.vmmtask.v1.StartProcessResponse
-	1,  // 37: kuasar.vmmtask.v1.Agent.ExecProcess:output_type -> kuasar.vmmtask.v1.Empty
-	1,  // 38: kuasar.vmmtask.v1.Agent.SignalProcess:output_type -> kuasar.vmmtask.v1.Empty
-	22, // 39: kuasar.vmmtask.v1.Agent.WaitProcess:output_type -> kuasar.vmmtask.v1.WaitProcessResponse
-	24, // 40: kuasar.vmmtask.v1.Agent.DeleteProcess:output_type -> kuasar.vmmtask.v1.DeleteProcessResponse
-	1,  // 41: kuasar.vmmtask.v1.Agent.CloseStdin:output_type -> kuasar.vmmtask.v1.Empty
-	1,  // 42: kuasar.vmmtask.v1.Agent.ResizePty:output_type -> kuasar.vmmtask.v1.Empty
-	28, // 43: kuasar.vmmtask.v1.Agent.ContainerStats:output_type -> kuasar.vmmtask.v1.ContainerStatsResponse
-	30, // 44: kuasar.vmmtask.v1.Agent.Events:output_type -> kuasar.vmmtask.v1.Event
-	1,  // 45: kuasar.vmmtask.v1.Agent.Shutdown:output_type -> kuasar.vmmtask.v1.Empty
-	28, // [28:46] is the sub-list for method output_type
-	10, // [10:28] is the sub-list for method input_type
+	29, // 26: kuasar.vmmtask.v1.Agent.ProcessState:input_type -> kuasar.vmmtask.v1.ProcessStateRequest
+	31, // 27: kuasar.vmmtask.v1.Agent.Events:input_type -> kuasar.vmmtask.v1.EventsRequest
+	35, // 28: kuasar.vmmtask.v1.Agent.Shutdown:input_type -> kuasar.vmmtask.v1.ShutdownRequest
+	3,  // 29: kuasar.vmmtask.v1.Agent.Ping:output_type -> kuasar.vmmtask.v1.PingResponse
+	5,  // 30: kuasar.vmmtask.v1.Agent.GuestInfo:output_type -> kuasar.vmmtask.v1.GuestInfoResponse
+	1,  // 31: kuasar.vmmtask.v1.Agent.SetupSandbox:output_type -> kuasar.vmmtask.v1.Empty
+	1,  // 32: kuasar.vmmtask.v1.Agent.UpdateInterfaces:output_type -> kuasar.vmmtask.v1.Empty
+	1,  // 33: kuasar.vmmtask.v1.Agent.UpdateRoutes:output_type -> kuasar.vmmtask.v1.Empty
+	1,  // 34: kuasar.vmmtask.v1.Agent.Mount:output_type -> kuasar.vmmtask.v1.Empty
+	1,  // 35: kuasar.vmmtask.v1.Agent.Unmount:output_type -> kuasar.vmmtask.v1.Empty
+	16, // 36: kuasar.vmmtask.v1.Agent.CreateContainer:output_type -> kuasar.vmmtask.v1.CreateContainerResponse
+	18, // 37: kuasar.vmmtask.v1.Agent.StartProcess:output_type -> kuasar.vmmtask.v1.StartProcessResponse
+	1,  // 38: kuasar.vmmtask.v1.Agent.ExecProcess:output_type -> kuasar.vmmtask.v1.Empty
+	1,  // 39: kuasar.vmmtask.v1.Agent.SignalProcess:output_type -> kuasar.vmmtask.v1.Empty
+	22, // 40: kuasar.vmmtask.v1.Agent.WaitProcess:output_type -> kuasar.vmmtask.v1.WaitProcessResponse
+	24, // 41: kuasar.vmmtask.v1.Agent.DeleteProcess:output_type -> kuasar.vmmtask.v1.DeleteProcessResponse
+	1,  // 42: kuasar.vmmtask.v1.Agent.CloseStdin:output_type -> kuasar.vmmtask.v1.Empty
+	1,  // 43: kuasar.vmmtask.v1.Agent.ResizePty:output_type -> kuasar.vmmtask.v1.Empty
+	28, // 44: kuasar.vmmtask.v1.Agent.ContainerStats:output_type -> kuasar.vmmtask.v1.ContainerStatsResponse
+	30, // 45: kuasar.vmmtask.v1.Agent.ProcessState:output_type -> kuasar.vmmtask.v1.ProcessStateResponse
+	32, // 46: kuasar.vmmtask.v1.Agent.Events:output_type -> kuasar.vmmtask.v1.Event
+	1,  // 47: kuasar.vmmtask.v1.Agent.Shutdown:output_type -> kuasar.vmmtask.v1.Empty
+	29, // [29:48] is the sub-list for method output_type
+	10, // [10:29] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name
@@ -2370,7 +2511,7 @@ func file_vmmtask_v1_agent_proto_init() {
 	if File_vmmtask_v1_agent_proto != nil {
 		return
 	}
-	file_vmmtask_v1_agent_proto_msgTypes[29].OneofWrappers = []any{
+	file_vmmtask_v1_agent_proto_msgTypes[31].OneofWrappers = []any{
 		(*Event_Exit)(nil),
 		(*Event_Oom)(nil),
 	}
@@ -2380,7 +2521,7 @@ func file_vmmtask_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_vmmtask_v1_agent_proto_rawDesc), len(file_vmmtask_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   34,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

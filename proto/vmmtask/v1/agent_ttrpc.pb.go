@@ -24,6 +24,7 @@ type AgentService interface {
 	CloseStdin(context.Context, *CloseStdinRequest) (*Empty, error)
 	ResizePty(context.Context, *ResizePtyRequest) (*Empty, error)
 	ContainerStats(context.Context, *ContainerStatsRequest) (*ContainerStatsResponse, error)
+	ProcessState(context.Context, *ProcessStateRequest) (*ProcessStateResponse, error)
 	Events(context.Context, *EventsRequest, Agent_EventsServer) error
 	Shutdown(context.Context, *ShutdownRequest) (*Empty, error)
 }
@@ -156,6 +157,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 				}
 				return svc.ContainerStats(ctx, &req)
 			},
+			"ProcessState": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ProcessStateRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.ProcessState(ctx, &req)
+			},
 			"Shutdown": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req ShutdownRequest
 				if err := unmarshal(&req); err != nil {
@@ -197,6 +205,7 @@ type AgentClient interface {
 	CloseStdin(context.Context, *CloseStdinRequest) (*Empty, error)
 	ResizePty(context.Context, *ResizePtyRequest) (*Empty, error)
 	ContainerStats(context.Context, *ContainerStatsRequest) (*ContainerStatsResponse, error)
+	ProcessState(context.Context, *ProcessStateRequest) (*ProcessStateResponse, error)
 	Events(context.Context, *EventsRequest) (Agent_EventsClient, error)
 	Shutdown(context.Context, *ShutdownRequest) (*Empty, error)
 }
@@ -334,6 +343,14 @@ func (c *agentClient) ResizePty(ctx context.Context, req *ResizePtyRequest) (*Em
 func (c *agentClient) ContainerStats(ctx context.Context, req *ContainerStatsRequest) (*ContainerStatsResponse, error) {
 	var resp ContainerStatsResponse
 	if err := c.client.Call(ctx, "kuasar.vmmtask.v1.Agent", "ContainerStats", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) ProcessState(ctx context.Context, req *ProcessStateRequest) (*ProcessStateResponse, error) {
+	var resp ProcessStateResponse
+	if err := c.client.Call(ctx, "kuasar.vmmtask.v1.Agent", "ProcessState", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

@@ -3,6 +3,11 @@
 //
 //	mkguest -agent _output/guest/vmm-task -out _output/guest
 //
+// The guest runs containers with runc: -runc (default /usr/sbin/runc, the
+// Debian package) puts it in the image with its ELF interpreter and the
+// shared libraries it needs, found by reading the binaries' DT_NEEDED
+// entries (guest.BinaryFiles); -runc "" leaves it out.
+//
 // The output is reproducible: the same inputs give the same bytes.
 package main
 
@@ -37,6 +42,7 @@ func main() {
 		modRoot = flag.String("modules-root", "/lib/modules", "kernel modules directory")
 		bootDir = flag.String("boot-dir", "/boot", "directory of vmlinuz-<version>")
 		modules = flag.String("modules", strings.Join(guest.DefaultModules, ","), "modules to include, with their dependencies")
+		runcBin = flag.String("runc", guest.DefaultRunc, "OCI runtime put in the image at its own path with its libraries (\"\" for none)")
 		files   = fileFlags{}
 	)
 	flag.Var(files, "file", "extra file GUEST_PATH=HOST_PATH (repeatable)")
@@ -64,6 +70,18 @@ func main() {
 	}
 	if mods == nil {
 		mods = []string{}
+	}
+	if *runcBin != "" {
+		bf, err := guest.BinaryFiles(*runcBin, nil)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "mkguest: -runc: %v (install Debian's runc, or -runc \"\" for an image without it)\n", err)
+			os.Exit(1)
+		}
+		for g, h := range bf {
+			if _, ok := files[g]; !ok {
+				files[g] = h
+			}
+		}
 	}
 	t0 := time.Now()
 	res, err := guest.Build(guest.Spec{

@@ -1,0 +1,277 @@
+// Package agentclient is the host's side of vmm-task for containers: it
+// creates containers in the guest from OCI bundles the host placed in the
+// VM's virtio-fs share, streams their stdio over the transport's IO port,
+// and starts, execs into, signals, waits for and deletes their processes.
+package agentclient
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/containerd/ttrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/proto"
+
+	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/transport"
+)
+
+// Client talks to one guest's agent.
+type Client struct {
+	vmmtask.AgentClient
+	dialer transport.Dialer
+	tc     *ttrpc.Client
+}
+
+// Dial connects to the agent port, waiting (until ctx ends) for the guest.
+func Dial(ctx context.Context, d transport.Dialer) (*Client, error) {
+	conn, err := d.Dial(ctx, transport.AgentPort)
+	if err != nil {
+		return nil, err
+	}
+	tc := ttrpc.NewClient(conn)
+	return &Client{AgentClient: vmmtask.NewAgentClient(tc), dialer: d, tc: tc}, nil
+}
+
+// Close closes the agent connection (not the dialer).
+func (c *Client) Close() error { return c.tc.Close() }
+
+// Share maps the host directory that virtiofsd serves to where the guest
+// mounted it.
+type Share struct {
+	HostDir, GuestDir string
+}
+
+// GuestPath is the guest's path of a host path inside the share.
+func (s Share) GuestPath(host string) (string, error) {
+	rel, err := filepath.Rel(s.HostDir, host)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return "", fmt.Errorf("agentclient: %s is not inside the shared directory %s", host, s.HostDir)
+	}
+	return filepath.Join(s.GuestDir, rel), nil
+}
+
+// Stdio is a process's IO on the host; nil members are not asked for.
+type Stdio struct {
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+}
+
+// Process is a container's init or exec'd process in the guest.
+type Process struct {
+	c                   *Client
+	ContainerID, ExecID string
+	streams             []net.Conn
+	copies              sync.WaitGroup
+	stdin               net.Conn
+}
+
+// CreateFromBundle creates container id from the OCI bundle at bundle
+// (config.json and the rootfs it names), which must lie in the share: the
+// guest bind-mounts the rootfs from the share and runs the spec's process,
+// not yet started.
+func (c *Client) CreateFromBundle(ctx context.Context, id, bundle string, share Share, stdio Stdio) (*Process, error) {
+	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("agentclient: bundle: %w", err)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return nil, fmt.Errorf("agentclient: %s/config.json: %w", bundle, err)
+	}
+	if spec.Root == nil || spec.Process == nil {
+		return nil, fmt.Errorf("agentclient: %s/config.json has no root or process", bundle)
+	}
+	root := spec.Root.Path
+	if !filepath.IsAbs(root) {
+		root = filepath.Join(bundle, root)
+	}
+	guestRoot, err := share.GuestPath(root)
+	if err != nil {
+		return nil, err
+	}
+	// The agent mounts the rootfs at its own bundle's rootfs.
+	spec.Root.Path = "rootfs"
+	if spec.Process.Terminal {
+		return nil, errors.New("agentclient: terminals are not supported yet")
+	}
+	sb, err := json.Marshal(&spec)
+	if err != nil {
+		return nil, err
+	}
+	ro := []string{"rbind"}
+	if spec.Root.Readonly {
+		ro = append(ro, "ro")
+	}
+	_, err = c.CreateContainer(ctx, &vmmtask.CreateContainerRequest{
+		ContainerId: id, Spec: sb,
+		Rootfs: []*vmmtask.MountRequest{{Type: "bind", Source: guestRoot, Options: ro}},
+		Stdin:  stdio.Stdin != nil, Stdout: stdio.Stdout != nil, Stderr: stdio.Stderr != nil,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agentclient: create container %s: %w", id, err)
+	}
+	p := &Process{c: c, ContainerID: id}
+	if err := p.attach(ctx, stdio); err != nil {
+		p.closeStreams()
+		_, _ = c.DeleteProcess(context.Background(), &vmmtask.DeleteProcessRequest{ContainerId: id})
+		return nil, err
+	}
+	return p, nil
+}
+
+// Exec adds process spec to a container as execID, not yet started.
+func (c *Client) Exec(ctx context.Context, containerID, execID string, spec *specs.Process, stdio Stdio) (*Process, error) {
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return nil, err
+	}
+	_, err = c.ExecProcess(ctx, &vmmtask.ExecProcessRequest{
+		ContainerId: containerID, ExecId: execID, Process: b, Terminal: spec.Terminal,
+		Stdin: stdio.Stdin != nil, Stdout: stdio.Stdout != nil, Stderr: stdio.Stderr != nil,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agentclient: exec %s in %s: %w", execID, containerID, err)
+	}
+	p := &Process{c: c, ContainerID: containerID, ExecID: execID}
+	if err := p.attach(ctx, stdio); err != nil {
+		p.closeStreams()
+		return nil, err
+	}
+	return p, nil
+}
+
+// OpenStream opens one IO stream of a process on the IO port.
+func (c *Client) OpenStream(ctx context.Context, containerID, execID string, kind vmmtask.IOStreamHeader_Kind) (net.Conn, error) {
+	conn, err := c.dialer.Dial(ctx, transport.IOPort)
+	if err != nil {
+		return nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	h, _ := proto.Marshal(&vmmtask.IOStreamHeader{ContainerId: containerID, ExecId: execID, Kind: kind})
+	var n [4]byte
+	binary.BigEndian.PutUint32(n[:], uint32(len(h)))
+	if _, err := conn.Write(append(n[:], h...)); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("agentclient: %s stream of %s/%s: %w", kind, containerID, execID, err)
+	}
+	if _, err := io.ReadFull(conn, n[:]); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("agentclient: %s stream of %s/%s: no answer: %w", kind, containerID, execID, err)
+	}
+	l := binary.BigEndian.Uint32(n[:])
+	if l > 0 {
+		msg := make([]byte, min(l, 4096))
+		_, _ = io.ReadFull(conn, msg)
+		conn.Close()
+		return nil, fmt.Errorf("agentclient: %s stream of %s/%s refused: %s", kind, containerID, execID, msg)
+	}
+	return conn, nil
+}
+
+func (p *Process) attach(ctx context.Context, stdio Stdio) error {
+	open := func(kind vmmtask.IOStreamHeader_Kind) (net.Conn, error) {
+		s, err := p.c.OpenStream(ctx, p.ContainerID, p.ExecID, kind)
+		if err == nil {
+			p.streams = append(p.streams, s)
+		}
+		return s, err
+	}
+	for _, o := range []struct {
+		w    io.Writer
+		kind vmmtask.IOStreamHeader_Kind
+	}{{stdio.Stdout, vmmtask.IOStreamHeader_STDOUT}, {stdio.Stderr, vmmtask.IOStreamHeader_STDERR}} {
+		if o.w == nil {
+			continue
+		}
+		s, err := open(o.kind)
+		if err != nil {
+			return err
+		}
+		p.copies.Add(1)
+		go func(w io.Writer) {
+			defer p.copies.Done()
+			_, _ = io.Copy(w, s)
+		}(o.w)
+	}
+	if stdio.Stdin != nil {
+		s, err := open(vmmtask.IOStreamHeader_STDIN)
+		if err != nil {
+			return err
+		}
+		p.stdin = s
+		go func() {
+			_, _ = io.Copy(s, stdio.Stdin)
+			s.Close()
+		}()
+	}
+	return nil
+}
+
+func (p *Process) closeStreams() {
+	for _, s := range p.streams {
+		s.Close()
+	}
+}
+
+// Start starts the process and returns its PID in the guest.
+func (p *Process) Start(ctx context.Context) (uint32, error) {
+	r, err := p.c.StartProcess(ctx, &vmmtask.StartProcessRequest{ContainerId: p.ContainerID, ExecId: p.ExecID})
+	if err != nil {
+		return 0, fmt.Errorf("agentclient: start %s/%s: %w", p.ContainerID, p.ExecID, err)
+	}
+	return r.Pid, nil
+}
+
+// Wait waits for the process to exit and its output streams to end, and
+// returns its exit status.
+func (p *Process) Wait(ctx context.Context) (uint32, error) {
+	r, err := p.c.WaitProcess(ctx, &vmmtask.WaitProcessRequest{ContainerId: p.ContainerID, ExecId: p.ExecID})
+	if err != nil {
+		return 0, fmt.Errorf("agentclient: wait %s/%s: %w", p.ContainerID, p.ExecID, err)
+	}
+	done := make(chan struct{})
+	go func() { p.copies.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return r.ExitStatus, fmt.Errorf("agentclient: output of %s/%s did not end: %w", p.ContainerID, p.ExecID, ctx.Err())
+	}
+	return r.ExitStatus, nil
+}
+
+// Signal sends sig to the process (to every process of the container
+// when all).
+func (p *Process) Signal(ctx context.Context, sig uint32, all bool) error {
+	_, err := p.c.SignalProcess(ctx, &vmmtask.SignalProcessRequest{ContainerId: p.ContainerID, ExecId: p.ExecID, Signal: sig, All: all})
+	if err != nil {
+		return fmt.Errorf("agentclient: signal %s/%s: %w", p.ContainerID, p.ExecID, err)
+	}
+	return nil
+}
+
+// State reports the process's status in the guest.
+func (p *Process) State(ctx context.Context) (*vmmtask.ProcessStateResponse, error) {
+	return p.c.ProcessState(ctx, &vmmtask.ProcessStateRequest{ContainerId: p.ContainerID, ExecId: p.ExecID})
+}
+
+// Delete deletes the exited process (the init: the container) and closes
+// its streams.
+func (p *Process) Delete(ctx context.Context) (*vmmtask.DeleteProcessResponse, error) {
+	r, err := p.c.DeleteProcess(ctx, &vmmtask.DeleteProcessRequest{ContainerId: p.ContainerID, ExecId: p.ExecID})
+	p.closeStreams()
+	if err != nil {
+		return nil, fmt.Errorf("agentclient: delete %s/%s: %w", p.ContainerID, p.ExecID, err)
+	}
+	return r, nil
+}
