@@ -160,8 +160,9 @@ func classify(handler string, p proc, parent string) string {
 		// processes are re-parented to the daemon (a child subreaper) when
 		// `runsc create` exits; the waiter is the daemon's binary
 		// re-executed as "kuasar-runsc-wait", whose child is `runsc wait`.
-		// The Sentry's children (systrap's stub processes, which hold the
-		// address spaces of the sandbox's applications) belong to it.
+		// The Sentry's descendants (the platform's stub processes, systrap's
+		// or ptrace's, which hold the address spaces of the sandbox's
+		// applications) are counted as stubs.
 		switch parent {
 		case "daemon":
 			switch arg0 {

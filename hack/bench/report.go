@@ -158,9 +158,9 @@ var whatCounted = map[string]string{
 	shim:   "runc shim: one containerd-shim-runc-v2 per pod + its pause process.",
 	wasm: "kuasar-wasm: the wasm-sandboxer daemon + one kuasar-holder per pod; the containers' module processes " +
 		"(`kuasar-wasm <container> <module>`, the engine running the module) are the workload, not counted, and shown apart.",
-	quark: "kuasar-quark (gVisor): the quark-sandboxer daemon; per pod the runsc-sandbox process (the Sentry) with its stub processes " +
-		"(systrap's address-space holders: on the host the sandbox's application memory — the pause and the container's processes, " +
-		"which run inside the Sentry and are no host processes — is mapped by the Sentry and the stubs, so it is counted there) " +
+	quark: "kuasar-quark (gVisor): the quark-sandboxer daemon; per pod the runsc-sandbox process (the Sentry) with its descendants, the platform's stub processes " +
+		"(systrap's or ptrace's holders of the applications' address spaces: the pause and the container's processes run inside the Sentry, " +
+		"not as host processes; their memory is mapped by the Sentry and the stubs and counted there) " +
 		"and the pod's runsc-gofer; per container one more runsc-gofer, the kuasar-runsc-wait waiter (the daemon's binary) and its `runsc wait` child.",
 }
 
@@ -364,7 +364,11 @@ func (r *results) markdown(c config) string {
 			w("Least-squares line through the totals: %s.", strings.Join(fits, "; "))
 			w("")
 		}
-		w("Breakdown (PSS MiB, process count). The containers' own processes are not counted; they are shown apart, and with the counted ones, because PSS divides the pages a counted process shares with them (a wasm module process is the wasm-sandboxer binary re-executed) between both:")
+		why := ""
+		if hasHandler(r.series, wasm) {
+			why = " (a wasm module process is the wasm-sandboxer binary re-executed: the more pods, the more of the daemon's pages PSS puts on the containers)"
+		}
+		w("Breakdown (PSS MiB, process count). The containers' own processes are not counted; they are shown apart, and with the counted ones, because PSS divides the pages a counted process shares with them between both%s:", why)
 		w("")
 		for _, s := range r.series {
 			rows := 0
