@@ -81,11 +81,16 @@ type streamKey struct {
 // ioSlot is one process stream the agent expects: the FIFO it made and the
 // host's stream once it arrives.
 type ioSlot struct {
-	fifo   string
-	f      io.ReadWriteCloser // the agent's end of the FIFO
-	conn   chan net.Conn      // buffered 1: the host's stream
-	cancel context.CancelFunc
-	ctx    context.Context
+	fifo string
+	f    io.ReadWriteCloser // the agent's end of the FIFO
+	conn chan net.Conn      // buffered 1: the host's stream
+	// started is closed once the process has started (stdin's end is
+	// passed on only then: containerd's process library opens its own
+	// writer of the stdin FIFO at start, which CloseIO closes).
+	started     chan struct{}
+	startedOnce sync.Once
+	cancel      context.CancelFunc
+	ctx         context.Context
 }
 
 // NewContainers starts the task service over runc. PID 1 must already reap
@@ -198,7 +203,7 @@ func (c *Containers) makeIO(id, execID string, want [3]bool) (paths [3]string, u
 			return paths, nil, fmt.Errorf("open fifo %s: %w", p, err)
 		}
 		context.AfterFunc(ctx, func() { f.Close() })
-		s := &ioSlot{fifo: p, f: f, conn: make(chan net.Conn, 1), ctx: ctx, cancel: cancel}
+		s := &ioSlot{fifo: p, f: f, conn: make(chan net.Conn, 1), started: make(chan struct{}), ctx: ctx, cancel: cancel}
 		c.mu.Lock()
 		if old := c.streams[k]; old != nil {
 			old.cancel()
@@ -237,6 +242,17 @@ func (c *Containers) bridge(k streamKey, s *ioSlot) {
 	defer s.f.Close()
 	if k.kind == vmmtask.IOStreamHeader_STDIN {
 		_, _ = io.Copy(s.f, conn)
+		// The host closed stdin: so does the process's, once started.
+		s.f.Close()
+		select {
+		case <-s.started:
+		case <-s.ctx.Done():
+			return
+		}
+		_, err := c.svc.CloseIO(c.ctx, &taskAPI.CloseIORequest{ID: k.container, ExecID: k.exec, Stdin: true})
+		if err != nil {
+			c.Log.Debug("close stdin", zap.String("container", k.container), zap.String("exec", k.exec), zap.Error(err))
+		}
 		return
 	}
 	_, _ = io.Copy(conn, s.f)
@@ -379,6 +395,13 @@ func (c *Containers) Start(ctx context.Context, r *vmmtask.StartProcessRequest) 
 	if err != nil {
 		return nil, err
 	}
+	c.mu.Lock()
+	for k, s := range c.streams {
+		if k.container == r.ContainerId && k.exec == r.ExecId {
+			s.startedOnce.Do(func() { close(s.started) })
+		}
+	}
+	c.mu.Unlock()
 	return &vmmtask.StartProcessResponse{Pid: resp.Pid}, nil
 }
 

@@ -70,6 +70,25 @@ func writeBundle(t *testing.T, share agentclient.Share, id string, args ...strin
 // over the IO port, then an exec into a long-running container, kill and
 // delete. The guest keeps nothing of them afterwards.
 func testContainerInGuest(t *testing.T, ctx context.Context, c *agentclient.Client, share agentclient.Share) {
+	// Exits come as events too.
+	ectx, ecancel := context.WithCancel(ctx)
+	defer ecancel()
+	events, err := c.Events(ectx, &vmmtask.EventsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	exits := make(chan *vmmtask.Event, 16)
+	go func() {
+		for {
+			e, err := events.Recv()
+			if err != nil {
+				close(exits)
+				return
+			}
+			exits <- e
+		}
+	}()
+
 	// A container that prints and exits with 7.
 	bundle := writeBundle(t, share, "hello", "sh", "-c", "echo hello-from-the-vm; uname -r; echo to-stderr >&2; exit 7")
 	var stdout, stderr bytes.Buffer
@@ -102,6 +121,14 @@ func testContainerInGuest(t *testing.T, ctx context.Context, c *agentclient.Clie
 	if stderr.String() != "to-stderr\n" {
 		t.Errorf("stderr %q, want %q", stderr.String(), "to-stderr\n")
 	}
+	select {
+	case e := <-exits:
+		if e.ContainerId != "hello" || e.ExecId != "" || e.GetExit().GetExitStatus() != 7 {
+			t.Errorf("event %v, want the exit of hello with 7", e)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("no exit event for hello")
+	}
 	st, err := p.State(ctx)
 	if err != nil || st.Status != "STOPPED" || st.ExitStatus != 7 {
 		t.Errorf("state after exit: %v, %v; want STOPPED with 7", st, err)
@@ -132,8 +159,9 @@ func testContainerInGuest(t *testing.T, ctx context.Context, c *agentclient.Clie
 	}
 	var out bytes.Buffer
 	t1 := time.Now()
-	e, err := c.Exec(ctx, "sleeper", "ex1", &specs.Process{Args: []string{"sh", "-c", "echo exec-ok; hostname"}, Cwd: "/",
-		Env: []string{"PATH=/bin"}}, agentclient.Stdio{Stdout: &out})
+	// stdin is streamed too, and its end reaches the process (cat exits).
+	e, err := c.Exec(ctx, "sleeper", "ex1", &specs.Process{Args: []string{"sh", "-c", "echo exec-ok; hostname; cat"}, Cwd: "/",
+		Env: []string{"PATH=/bin"}}, agentclient.Stdio{Stdout: &out, Stdin: strings.NewReader("from-host\n")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,8 +172,8 @@ func testContainerInGuest(t *testing.T, ctx context.Context, c *agentclient.Clie
 		t.Errorf("exec: exit %d, %v", code, err)
 	}
 	t.Logf("exec in the guest: %s", time.Since(t1).Round(time.Millisecond))
-	if out.String() != "exec-ok\nin-guest\n" {
-		t.Errorf("exec stdout %q, want %q", out.String(), "exec-ok\nin-guest\n")
+	if want := "exec-ok\nin-guest\nfrom-host\n"; out.String() != want {
+		t.Errorf("exec stdout %q, want %q", out.String(), want)
 	}
 	if _, err := e.Delete(ctx); err != nil {
 		t.Error(err)
