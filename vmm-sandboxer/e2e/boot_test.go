@@ -126,7 +126,7 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 180*time.Second) // TCG on a loaded CI machine
 	defer cancel()
 	t0 := time.Now()
 	fsd, err := virtiofs.Start(ctx, virtiofs.Config{SocketPath: fsSock, SharedDir: share.HostDir}, zaptest.NewLogger(t))

@@ -271,7 +271,9 @@ func ResolveModules(modDir string, names []string) (files, builtin []string, err
 // device nodes the kernel needs before devtmpfs is mounted, the module
 // list and the files, sorted by path.
 func writeInitramfs(w io.Writer, files map[string]string, moduleList []byte, mtime int64) error {
-	zw, err := gzip.NewWriterLevel(w, gzip.BestCompression)
+	// The default level: BestCompression saves 0.3% of an image with runc
+	// in it and takes three times as long.
+	zw, err := gzip.NewWriterLevel(w, gzip.DefaultCompression)
 	if err != nil {
 		return err
 	}
