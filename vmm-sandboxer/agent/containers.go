@@ -413,7 +413,7 @@ func (c *Containers) Exec(ctx context.Context, r *vmmtask.ExecProcessRequest) (*
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	if _, err := os.Stat(c.bundle(r.ContainerId)); err != nil {
-		return nil, status.Errorf(codes.NotFound, "container %s", r.ContainerId)
+		return nil, status.Errorf(codes.NotFound, "container %s not found", r.ContainerId)
 	}
 	paths, undo, err := c.makeIO(r.ContainerId, r.ExecId, [3]bool{r.Stdin, r.Stdout, r.Stderr})
 	if err != nil {
