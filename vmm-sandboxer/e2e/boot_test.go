@@ -104,6 +104,16 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 	defer pn.Close()
 	guestMAC, _ := net.ParseMAC("02:42:0a:fe:00:02")
 	vmDir := filepath.Join(dir, "vm")
+	// Runs last: after the VM, virtiofsd and the pod network are gone, the
+	// VM's directory holds only its logs and the share the test filled.
+	t.Cleanup(func() {
+		ents, _ := os.ReadDir(vmDir)
+		for _, e := range ents {
+			if n := e.Name(); n != "console.log" && n != "vmm.log" && n != "shared" {
+				t.Errorf("%s left in the VM's directory", n)
+			}
+		}
+	})
 	sock := filepath.Join(vmDir, "agent.sock")
 	share := agentclient.Share{HostDir: filepath.Join(vmDir, "shared"), GuestDir: "/run/kuasar/shared"}
 	if err := os.MkdirAll(share.HostDir, 0o755); err != nil {
