@@ -89,6 +89,7 @@ type ioSlot struct {
 	// writer of the stdin FIFO at start, which CloseIO closes).
 	started     chan struct{}
 	startedOnce sync.Once
+	attached    bool // a host stream was accepted (under Containers.mu)
 	cancel      context.CancelFunc
 	ctx         context.Context
 }
@@ -279,10 +280,15 @@ func (c *Containers) attach(conn net.Conn) {
 	if err == nil {
 		c.mu.Lock()
 		s = c.streams[streamKey{h.ContainerId, h.ExecId, h.Kind}]
-		c.mu.Unlock()
-		if s == nil {
+		switch {
+		case s == nil:
 			err = fmt.Errorf("no %s stream was asked for process %q of container %q", h.Kind, h.ExecId, h.ContainerId)
+		case s.attached:
+			err = fmt.Errorf("the %s stream of process %q of container %q is already attached", h.Kind, h.ExecId, h.ContainerId)
+		default:
+			s.attached = true
 		}
+		c.mu.Unlock()
 	}
 	msg := ""
 	if err != nil {
@@ -294,12 +300,7 @@ func (c *Containers) attach(conn net.Conn) {
 		conn.Close()
 		return
 	}
-	select {
-	case s.conn <- conn:
-	default:
-		writeFrame(conn, nil)
-		conn.Close() // a second stream for the same slot
-	}
+	s.conn <- conn // buffered, and only one stream gets here per slot
 }
 
 func readHeader(r io.Reader, h *vmmtask.IOStreamHeader) error {

@@ -37,6 +37,21 @@ func TestIOStreamRefused(t *testing.T) {
 		t.Errorf("stream not closed after refusal: %v", err)
 	}
 
+	// A second stream for the same process stream is refused.
+	c.streams[streamKey{"c1", "", vmmtask.IOStreamHeader_STDOUT}] = &ioSlot{conn: make(chan net.Conn, 1)}
+	for i, want := range []string{"", "already attached"} {
+		host, guest := net.Pipe()
+		go c.attach(guest)
+		h, _ := proto.Marshal(&vmmtask.IOStreamHeader{ContainerId: "c1", Kind: vmmtask.IOStreamHeader_STDOUT})
+		writeFrame(host, h)
+		io.ReadFull(host, n[:])
+		msg := make([]byte, binary.BigEndian.Uint32(n[:]))
+		io.ReadFull(host, msg)
+		if (want == "" && len(msg) != 0) || !strings.Contains(string(msg), want) {
+			t.Errorf("stream %d: answer %q, want %q", i, msg, want)
+		}
+	}
+
 	var big bytes.Buffer
 	binary.Write(&big, binary.BigEndian, uint32(1<<20))
 	if err := readHeader(&big, &vmmtask.IOStreamHeader{}); err == nil || !strings.Contains(err.Error(), "1048576 bytes") {
