@@ -37,6 +37,8 @@ build:
 	done
 	@# PID 1 of every runc/wasm pod, found beside the sandboxer binary.
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $(BIN)/kuasar-holder ./shared/cmd/kuasar-holder
+	@# wasm-sandboxer's module processes, found beside it (cgo: wasmtime).
+	CGO_ENABLED=1 $(GO) build -trimpath -ldflags '-s -w' -o $(BIN)/kuasar-wasm-runner ./wasm-sandboxer/cmd/kuasar-wasm-runner
 
 # Debian packages and pinned Go tools (installs only what is missing).
 deps:

@@ -6,6 +6,7 @@
 # For each sandboxer NAME it installs
 #   _output/bin/NAME-sandboxer           -> DESTDIR PREFIX/bin/NAME-sandboxer          (0755)
 #   _output/bin/kuasar-holder (runc, wasm, quark) -> DESTDIR PREFIX/bin/kuasar-holder (0755)
+#   _output/bin/kuasar-wasm-runner (wasm)  -> DESTDIR PREFIX/bin/kuasar-wasm-runner    (0755)
 #   deploy/systemd/NAME-sandboxer.service -> DESTDIR/etc/systemd/system/              (0644)
 #   deploy/config/NAME-sandboxer.toml     -> DESTDIR/etc/kuasar-go/  never overwritten (0644)
 #   deploy/containerd/NAME-sandboxer.toml -> DESTDIR/etc/containerd/conf.d/            (0644)
@@ -88,6 +89,8 @@ uses_holder() {
 	for u in "${HOLDER_USERS[@]}"; do [ "$u" = "$1" ] && return 0; done
 	return 1
 }
+# wasm-sandboxer's module processes run kuasar-wasm-runner, found beside it.
+WASM_RUNNER=kuasar-wasm-runner
 
 # Resolve the names: "all" expands to every sandboxer with a unit under deploy/
 # (for --uninstall, to every known one); duplicates are dropped.
@@ -185,6 +188,9 @@ do_install() {
 		if uses_holder "$name" && [ ! -f "$OUTPUT/bin/$HOLDER" ]; then
 			missing+=("$OUTPUT/bin/$HOLDER")
 		fi
+		if [ "$name" = wasm ] && [ ! -f "$OUTPUT/bin/$WASM_RUNNER" ]; then
+			missing+=("$OUTPUT/bin/$WASM_RUNNER")
+		fi
 	done
 	if [ ${#missing[@]} -gt 0 ]; then
 		for f in "${missing[@]}"; do
@@ -201,6 +207,9 @@ do_install() {
 		put "$(src_bin "$name")" "$DESTDIR$BINDIR/$name-sandboxer" 755
 		if uses_holder "$name"; then
 			put "$OUTPUT/bin/$HOLDER" "$DESTDIR$BINDIR/$HOLDER" 755
+		fi
+		if [ "$name" = wasm ]; then
+			put "$OUTPUT/bin/$WASM_RUNNER" "$DESTDIR$BINDIR/$WASM_RUNNER" 755
 		fi
 		put "$unit" "$DESTDIR$UNITDIR/$name-sandboxer.service" 644 \
 			"$(src_unit "$name") (ExecStart in $BINDIR)"
@@ -250,6 +259,9 @@ do_uninstall() {
 		remove "$DESTDIR$UNITDIR/$name-sandboxer.service"
 		remove "$DESTDIR$DROPINDIR/$name-sandboxer.toml"
 		remove "$DESTDIR$BINDIR/$name-sandboxer"
+		if [ "$name" = wasm ]; then
+			remove "$DESTDIR$BINDIR/$WASM_RUNNER"
+		fi
 		if [ -e "$DESTDIR$CONFDIR/$name-sandboxer.toml" ]; then
 			echo "kept       $DESTDIR$CONFDIR/$name-sandboxer.toml (delete it by hand if no longer wanted)"
 		fi

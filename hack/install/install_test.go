@@ -26,6 +26,10 @@ var sandboxers = []string{"runc", "wasm", "quark"}
 // usesHolder: the families whose installation brings kuasar-holder.
 var usesHolder = map[string]bool{"runc": true, "wasm": true, "quark": true}
 
+// helpers: the binaries each family's installation brings beside its
+// sandboxer, besides the holder (wasm: its module processes' runner).
+var helpers = map[string][]string{"wasm": {"kuasar-wasm-runner"}}
+
 func readFile(t *testing.T, path string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(path)
@@ -174,6 +178,9 @@ func TestInstallScript(t *testing.T) {
 			if usesHolder[family] {
 				copyExecutable(t, filepath.Join(output, "bin", "kuasar-holder"))
 			}
+			for _, h := range helpers[family] {
+				copyExecutable(t, filepath.Join(output, "bin", h))
+			}
 			dest := t.TempDir()
 			common := []string{"--destdir", dest, "--output", output, "--prefix", "/opt/kg"}
 			files := map[string]os.FileMode{
@@ -184,6 +191,9 @@ func TestInstallScript(t *testing.T) {
 			}
 			if usesHolder[family] {
 				files["opt/kg/bin/kuasar-holder"] = 0o755
+			}
+			for _, h := range helpers[family] {
+				files["opt/kg/bin/"+h] = 0o755
 			}
 			config := "etc/kuasar-go/" + name + ".toml"
 
@@ -228,11 +238,23 @@ func TestInstallScript(t *testing.T) {
 				t.Errorf("config overwritten: %q", got)
 			}
 
-			// Errors: unknown name, missing binary.
-			for _, args := range [][]string{
+			// Errors: unknown name, missing binary, missing helper.
+			bad := [][]string{
 				append(common, "nosuch"),
 				{"--destdir", dest, "--output", t.TempDir(), family},
-			} {
+			}
+			for _, h := range helpers[family] {
+				partial := t.TempDir()
+				copyExecutable(t, filepath.Join(partial, "bin", name))
+				copyExecutable(t, filepath.Join(partial, "bin", "kuasar-holder"))
+				for _, other := range helpers[family] {
+					if other != h {
+						copyExecutable(t, filepath.Join(partial, "bin", other))
+					}
+				}
+				bad = append(bad, []string{"--destdir", t.TempDir(), "--output", partial, family})
+			}
+			for _, args := range bad {
 				if out, err := exec.Command("bash", append([]string{installScript}, args...)...).CombinedOutput(); err == nil {
 					t.Errorf("install.sh %v succeeded:\n%s", args, out)
 				}
@@ -254,7 +276,7 @@ func TestInstallScript(t *testing.T) {
 // kuasar-holder stays while another sandboxer that uses it is installed.
 func TestUninstallKeepsSharedHolder(t *testing.T) {
 	output := t.TempDir()
-	for _, f := range []string{"runc-sandboxer", "wasm-sandboxer", "kuasar-holder"} {
+	for _, f := range []string{"runc-sandboxer", "wasm-sandboxer", "kuasar-holder", "kuasar-wasm-runner"} {
 		copyExecutable(t, filepath.Join(output, "bin", f))
 	}
 	dest := t.TempDir()
@@ -265,8 +287,15 @@ func TestUninstallKeepsSharedHolder(t *testing.T) {
 	if _, err := os.Stat(holder); err != nil {
 		t.Errorf("uninstalling runc removed the holder wasm still needs: %v", err)
 	}
+	runnerPath := filepath.Join(dest, "opt/kg/bin/kuasar-wasm-runner")
+	if _, err := os.Stat(runnerPath); err != nil {
+		t.Errorf("uninstalling runc removed wasm's runner: %v", err)
+	}
 	runInstall(t, append(common, "--uninstall", "wasm")...)
 	if _, err := os.Stat(holder); err == nil {
 		t.Error("the holder stayed after the last sandboxer using it was uninstalled")
+	}
+	if _, err := os.Stat(runnerPath); err == nil {
+		t.Error("kuasar-wasm-runner stayed after wasm was uninstalled")
 	}
 }

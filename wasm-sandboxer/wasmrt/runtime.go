@@ -1,5 +1,6 @@
 // Package wasmrt is wasm-sandboxer's task.Runtime: each container process
-// is the daemon's own binary re-executed, born into the pod's namespaces
+// is a runner (kuasar-wasm-runner beside the daemon, else the daemon's own
+// binary re-executed; package runner), born into the pod's namespaces
 // and placed in the container's cgroup, running one WASI module with the
 // container's rootfs as its root.
 package wasmrt
@@ -33,6 +34,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/task"
 	"github.com/kuasar-go/kuasar-go/shared/validate"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/engine"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/runner"
 )
 
 // EngineAnnotation chooses a container's engine. CRI passes it into the
@@ -61,7 +63,7 @@ type Config struct {
 // Runtime makes wasm containers.
 type Runtime struct {
 	cfg  Config
-	self string
+	self string // the runner binary (see runnerBinary)
 	log  *zap.Logger
 
 	compiling sync.Map // cache key -> *sync.Mutex
@@ -82,9 +84,9 @@ func New(cfg Config, log *zap.Logger) (*Runtime, error) {
 	if cfg.ContainerdAddress != "" && cfg.ModulesDir == "" {
 		return nil, fmt.Errorf("a modules directory is needed to run wasm OCI artifacts")
 	}
-	self, err := os.Executable()
+	self, err := runnerBinary()
 	if err != nil {
-		return nil, fmt.Errorf("find own executable: %w", err)
+		return nil, err
 	}
 	return &Runtime{cfg: cfg, self: self, log: log}, nil
 }
@@ -248,10 +250,10 @@ func (rt *Runtime) ensureCompiled(ctx context.Context, name, module string, wasm
 	if engine.InCache(rt.cfg.CacheDir, name, wasm) {
 		return nil
 	}
-	req, _ := json.Marshal(compileRequest{Engine: name, CacheDir: rt.cfg.CacheDir, Module: module})
+	req, _ := json.Marshal(runner.CompileRequest{Engine: name, CacheDir: rt.cfg.CacheDir, Module: module})
 	cmd := exec.Command(rt.self)
 	cmd.Args = []string{"kuasar-wasm-compile"}
-	cmd.Env = []string{envChild + "=" + childCompile}
+	cmd.Env = []string{runner.EnvMode + "=" + runner.ModeCompile}
 	cmd.Dir = "/"
 	cmd.Stdin = bytes.NewReader(req)
 	var stderr bytes.Buffer
@@ -270,7 +272,7 @@ func (rt *Runtime) ensureCompiled(ctx context.Context, name, module string, wasm
 		rt.log.Info("module compiled", zap.String("engine", name), zap.String("module", module),
 			zap.Int("bytes", len(wasm)), zap.Duration("took", time.Since(t0)))
 		return nil
-	case exitInvalidModule:
+	case runner.ExitInvalidModule:
 		return fmt.Errorf("%s: %w", strings.TrimSpace(stderr.String()), errdefs.ErrInvalidArgument)
 	}
 	return fmt.Errorf("compile %s with %s: exit status %d: %s", module, name, status, strings.TrimSpace(stderr.String()))
@@ -305,7 +307,7 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 	if err != nil {
 		return nil, fmt.Errorf("%v: %w", err, errdefs.ErrNotImplemented)
 	}
-	cfg := runConfig{
+	cfg := runner.RunConfig{
 		Engine: c.engine, CacheDir: rt.cfg.CacheDir,
 		Module: host, Rootfs: c.rootfs,
 		Args: ps.Args, Env: ps.Env,
@@ -342,9 +344,9 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 	cmd := exec.Command(rt.self)
 	// What ps shows: the container, and the module.
 	cmd.Args = []string{"kuasar-wasm", c.id, guest}
-	cmd.Env = []string{envChild + "=" + childRun}
+	cmd.Env = []string{runner.EnvMode + "=" + runner.ModeRun}
 	cmd.Dir = "/"
-	cmd.ExtraFiles = []*os.File{ctlR, stW} // controlFD, statusFD
+	cmd.ExtraFiles = []*os.File{ctlR, stW} // runner.ControlFD, runner.StatusFD
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: newNS}
 	ec, err := startIn(cmd, join)
 	ctlR.Close()
@@ -396,7 +398,7 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 // loading or compiling the module) when the request has no deadline.
 const readyTimeout = 2 * time.Minute
 
-func readStatus(ctx context.Context, r *os.File) (childStatus, error) {
+func readStatus(ctx context.Context, r *os.File) (runner.Status, error) {
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(readyTimeout)
@@ -404,9 +406,9 @@ func readStatus(ctx context.Context, r *os.File) (childStatus, error) {
 	r.SetReadDeadline(deadline)
 	data, err := io.ReadAll(r)
 	if err != nil {
-		return childStatus{}, fmt.Errorf("module process not ready: %w", err)
+		return runner.Status{}, fmt.Errorf("module process not ready: %w", err)
 	}
-	var st childStatus
+	var st runner.Status
 	if len(bytes.TrimSpace(data)) == 0 {
 		return st, errors.New("module process exited before it was ready")
 	}
