@@ -35,6 +35,8 @@ type helperResp struct {
 	Cached    bool
 	CompileMS int64
 	PeakRSSKB int64
+	// SharedCode: the compiled code is mapped from a shared file.
+	SharedCode bool
 }
 
 func TestMain(m *testing.M) {
@@ -73,6 +75,9 @@ func helper(reqJSON string) int {
 		return 0
 	}
 	resp.Cached = m.Cached()
+	if maps, err := os.ReadFile("/proc/self/maps"); err == nil {
+		resp.SharedCode = bytes.Contains(maps, []byte(".code\n"))
+	}
 	inst, err := m.Instantiate(ctx, RunConfig{Args: req.Args, Env: req.Env, Root: req.Root, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr})
 	if err != nil {
 		resp.Err = err.Error()
@@ -238,6 +243,11 @@ func TestEngines(t *testing.T) {
 			for i, c := range compiles {
 				if c.Cached != (i > 0) {
 					t.Errorf("run %d of /app.wasm: cached %v", i, c.Cached)
+				}
+				// wazero's code: written to a file by the compile, mapped
+				// from it by the later processes.
+				if name == "wazero" && c.SharedCode != (i > 0) {
+					t.Errorf("run %d of /app.wasm: code mapped from a shared file %v", i, c.SharedCode)
 				}
 			}
 			if second.CompileMS*3 > first.CompileMS {

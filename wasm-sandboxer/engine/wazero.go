@@ -83,11 +83,18 @@ func (e *wazeroEngine) Compile(ctx context.Context, wasm []byte) (Module, error)
 	if e.cacheDir != "" {
 		before = e.cacheEntries()
 	}
+	var regions map[codeRegion]bool
+	if e.cacheDir != "" {
+		regions = codeRegions()
+	}
 	cm, err := e.rt.CompileModule(ctx, wasm)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalidModule, err)
 	}
 	cached := before > 0 && e.cacheEntries() == before
+	// The module's machine code: from a file shared by every process that
+	// runs it, rather than private memory (see shareCode).
+	shareCode(filepath.Join(filepath.Dir(e.cacheDir), "shared"), Key(wasm), regions)
 	markCached(e.opts.CacheDir, "wazero", wasm)
 	return &wazeroModule{e: e, cm: cm, cached: cached}, nil
 }
@@ -137,7 +144,9 @@ func (m *wazeroModule) Instantiate(ctx context.Context, cfg RunConfig) (Instance
 	if cfg.Root != "" {
 		mc = mc.WithFSConfig(wazero.NewFSConfig().WithDirMount(cfg.Root, "/"))
 	}
-	mod, err := m.e.rt.InstantiateModule(ctx, m.cm, mc)
+	// The linear memory: reserved address space rather than Go heap (see
+	// mmapMemory).
+	mod, err := m.e.rt.InstantiateModule(withMemoryAllocator(ctx), m.cm, mc)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrLink, err)
 	}

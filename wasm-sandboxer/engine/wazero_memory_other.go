@@ -1,0 +1,7 @@
+//go:build !linux
+
+package engine
+
+import "context"
+
+func withMemoryAllocator(ctx context.Context) context.Context { return ctx }
