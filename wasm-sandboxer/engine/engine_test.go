@@ -260,6 +260,28 @@ func TestEngines(t *testing.T) {
 			if !InCache(cache, name, prog) || InCache(cache, name, []byte("other")) || InCache("", name, prog) {
 				t.Error("InCache does not tell the cached module from others")
 			}
+			// wazero's shared code file is used only when it holds the very
+			// bytes of the code: a corrupted one leaves the private copy.
+			if name == "wazero" {
+				files, _ := filepath.Glob(filepath.Join(cache, "wazero-*", "shared", "*.code"))
+				if len(files) == 0 {
+					t.Fatal("no shared code file")
+				}
+				for _, f := range files {
+					fi, err := os.Stat(f)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if err := os.WriteFile(f, bytes.Repeat([]byte{0xcc}, int(fi.Size())), 0o600); err != nil {
+						t.Fatal(err)
+					}
+				}
+				r := runHelper(t, helperReq{Engine: name, Module: filepath.Join(root, "app.wasm"), Root: root, CacheDir: cache,
+					Args: []string{"/app.wasm", "echo", "still-runs", "exit", "4"}})
+				if r.resp.SharedCode || r.resp.Err != "" || r.resp.Code != 4 || !strings.Contains(r.stdout, "still-runs") {
+					t.Errorf("corrupted code file: shared %v, exit %d, error %q, stdout %q", r.resp.SharedCode, r.resp.Code, r.resp.Err, r.stdout)
+				}
+			}
 			// Without a cache directory nothing is cached.
 			if r := runHelper(t, helperReq{Engine: name, Module: filepath.Join(root, "empty.wasm"), Args: []string{"empty.wasm"}}); r.resp.Cached || r.resp.Err != "" {
 				t.Errorf("without a cache: cached %v, err %q", r.resp.Cached, r.resp.Err)
