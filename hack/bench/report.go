@@ -366,7 +366,7 @@ func (r *results) markdown(c config) string {
 		}
 		why := ""
 		if hasHandler(r.series, wasm) {
-			why = " (a wasm module process is the wasm-sandboxer binary re-executed: the more pods, the more of the daemon's pages PSS puts on the containers)"
+			why = " (a wasm module process is kuasar-wasm-runner, or the wasm-sandboxer binary re-executed where the runner is missing: then the more pods, the more of the daemon's pages PSS puts on the containers)"
 		}
 		w("Breakdown (PSS MiB, process count). The containers' own processes are not counted; they are shown apart, and with the counted ones, because PSS divides the pages a counted process shares with them between both%s:", why)
 		w("")

@@ -24,7 +24,7 @@ var knownRuntimes = []string{kuasar, shim, wasm, quark}
 const (
 	// wasmEngineAnnotation is wasm-sandboxer's wasmrt.EngineAnnotation
 	// (CRI passes it on because the handler lists it in pod_annotations).
-	wasmEngineAnnotation = "io.kuasar-go.wasm.engine"
+	wasmEngineAnnotation = "wasm.kuasar-go.io/engine"
 	// gvisorPlatformAnnotation is quark-sandboxer's sandbox.AnnotationPlatform
 	// (read from the CRI pod config by the sandbox controller).
 	gvisorPlatformAnnotation = "quark.kuasar-go.io/gvisor-platform"

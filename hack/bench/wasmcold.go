@@ -154,7 +154,7 @@ func helloStart(tb testing.TB, env *testenv.Env, c config, podID string, podCfg 
 func wasmSandboxer(bin, logLevel string) testenv.Sandboxer {
 	return testenv.Sandboxer{
 		Name: wasm, Binary: bin, Args: []string{"--log-level", logLevel},
-		RuntimeTOML: "  pod_annotations = [\"io.kuasar-go.wasm.*\"]\n  container_annotations = [\"io.kuasar-go.wasm.*\"]",
+		RuntimeTOML: "  pod_annotations = [\"wasm.kuasar-go.io/*\"]\n  container_annotations = [\"wasm.kuasar-go.io/*\"]",
 	}
 }
 

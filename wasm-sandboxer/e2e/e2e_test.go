@@ -42,7 +42,7 @@ func startEnv(t *testing.T, configTOML string) *testenv.Env {
 	}
 	env := testenv.Start(t, testenv.Options{Sandboxers: []testenv.Sandboxer{{
 		Name: handler, Binary: bin, ConfigTOML: configTOML,
-		RuntimeTOML: "  pod_annotations = [\"io.kuasar-go.wasm.*\"]\n  container_annotations = [\"io.kuasar-go.wasm.*\"]",
+		RuntimeTOML: "  pod_annotations = [\"wasm.kuasar-go.io/*\"]\n  container_annotations = [\"wasm.kuasar-go.io/*\"]",
 		// The compiled-module cache is the daemon's to keep.
 	}}, LeakIgnore: []string{`/(cache|modules)(/|$)`}})
 	env.ImportImage(t, imageTar, testenv.WasmImage)

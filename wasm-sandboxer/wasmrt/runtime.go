@@ -41,7 +41,7 @@ import (
 // container's OCI spec from the pod's annotations and from the
 // container's (which win) when the runtime handler lists it in
 // pod_annotations and container_annotations.
-const EngineAnnotation = "io.kuasar-go.wasm.engine"
+const EngineAnnotation = "wasm.kuasar-go.io/engine"
 
 // maxModuleSize bounds the module file a container may name.
 const maxModuleSize = 1 << 30
