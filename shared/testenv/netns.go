@@ -19,13 +19,26 @@ func NewNetns(t testing.TB) string {
 	}
 	errc := make(chan error, 1)
 	go func() {
-		// The thread stays locked, so Go discards it: it is in the new netns.
 		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer orig.Close()
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
 			errc <- err
 			return
 		}
 		errc <- unix.Mount("/proc/thread-self/ns/net", p, "", unix.MS_BIND, "")
+		// Back to the process's netns: this may be the main thread, whose
+		// namespaces /proc/<pid>/ns shows. If that fails, the thread stays
+		// locked and Go discards it.
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
 	}()
 	if err := <-errc; err != nil {
 		t.Fatalf("make netns: %v", err)

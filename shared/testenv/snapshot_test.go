@@ -12,8 +12,12 @@ import (
 func TestSnapshotDiff(t *testing.T) {
 	dir := t.TempDir()
 	before := Snapshot(dir)
-	if d := before.Diff(Snapshot(dir)); len(d) != 0 {
-		t.Fatalf("diff of nothing: %v", d)
+	// Other test packages run beside this one and change the machine: only
+	// what concerns dir must be unchanged.
+	for _, l := range before.Diff(Snapshot(dir)) {
+		if strings.Contains(l, dir) {
+			t.Fatalf("diff of nothing in %s: %s", dir, l)
+		}
 	}
 	if err := os.WriteFile(filepath.Join(dir, "leak"), nil, 0o644); err != nil {
 		t.Fatal(err)
