@@ -1000,6 +1000,10 @@ func (e *Env) removeShimSockets() {
 			_ = os.Remove(filepath.Join("/run/containerd/s", hex.EncodeToString(h[:])))
 		}
 	}
+	// The shim made these directories; they go once empty (Remove refuses
+	// a directory that another run still uses).
+	_ = os.Remove("/run/containerd/s")
+	_ = os.Remove("/run/containerd")
 }
 
 // ownerID identifies a process across pid reuse: "pid:starttime".
