@@ -110,6 +110,21 @@ func (f *Family) pod(sb *store.Sandbox, st state) (*Pod, error) {
 	return p, nil
 }
 
+// resolve returns what every operation on a created pod needs: its state,
+// its engine and the engine's view of it.
+func (f *Family) resolve(sb *store.Sandbox) (state, Engine, *Pod, error) {
+	st, err := load(sb)
+	if err != nil {
+		return st, nil, nil, err
+	}
+	eng, err := f.engine(st)
+	if err != nil {
+		return st, nil, nil, err
+	}
+	pod, err := f.pod(sb, st)
+	return st, eng, pod, err
+}
+
 func (f *Family) engine(st state) (Engine, error) {
 	e, ok := f.engines[st.Engine]
 	if !ok {
@@ -192,15 +207,7 @@ func (f *Family) Create(ctx context.Context, sb *store.Sandbox) error {
 
 // Start runs the pod's sandbox.
 func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (<-chan controller.Exit, error) {
-	st, err := load(sb)
-	if err != nil {
-		return nil, err
-	}
-	eng, err := f.engine(st)
-	if err != nil {
-		return nil, err
-	}
-	pod, err := f.pod(sb, st)
+	st, eng, pod, err := f.resolve(sb)
 	if err != nil {
 		return nil, err
 	}
@@ -257,15 +264,7 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (<-chan control
 
 // Stop ends the pod's sandbox.
 func (f *Family) Stop(ctx context.Context, sb *store.Sandbox, timeout time.Duration) error {
-	st, err := load(sb)
-	if err != nil {
-		return err
-	}
-	eng, err := f.engine(st)
-	if err != nil {
-		return err
-	}
-	pod, err := f.pod(sb, st)
+	st, eng, pod, err := f.resolve(sb)
 	if err != nil {
 		return err
 	}
@@ -274,15 +273,7 @@ func (f *Family) Stop(ctx context.Context, sb *store.Sandbox, timeout time.Durat
 
 // Shutdown releases the pod's runtime state, cgroups and directory.
 func (f *Family) Shutdown(ctx context.Context, sb *store.Sandbox) error {
-	st, err := load(sb)
-	if err != nil {
-		return err
-	}
-	eng, err := f.engine(st)
-	if err != nil {
-		return err
-	}
-	pod, err := f.pod(sb, st)
+	st, eng, pod, err := f.resolve(sb)
 	if err != nil {
 		return err
 	}
@@ -326,15 +317,7 @@ func (f *Family) Metrics(ctx context.Context, sb *store.Sandbox) (*types.Metric,
 
 // Update hands a sandbox update to the pod's engine.
 func (f *Family) Update(ctx context.Context, sb *store.Sandbox, upd *types.Sandbox, fields []string) error {
-	st, err := load(sb)
-	if err != nil {
-		return err
-	}
-	eng, err := f.engine(st)
-	if err != nil {
-		return err
-	}
-	pod, err := f.pod(sb, st)
+	st, eng, pod, err := f.resolve(sb)
 	if err != nil {
 		return err
 	}
