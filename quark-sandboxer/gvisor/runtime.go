@@ -358,10 +358,7 @@ func (c *container) Pid() int       { return c.init.Pid() }
 func (c *container) Cgroup() any { return nil }
 
 func (c *container) Process(execID string) (process.Process, error) {
-	if execID == "" {
-		return c.init, nil
-	}
-	p, err := c.Lookup(execID)
+	p, err := c.Execs.Process(c.init, execID)
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", c.id, err)
 	}
@@ -369,11 +366,7 @@ func (c *container) Process(execID string) (process.Process, error) {
 }
 
 func (c *container) Start(ctx context.Context, r *taskAPI.StartRequest) (process.Process, error) {
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return nil, err
-	}
-	return p, p.Start(ctx)
+	return c.StartProcess(ctx, c.init, r)
 }
 
 func (c *container) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (process.Process, error) {

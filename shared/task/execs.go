@@ -1,9 +1,11 @@
 package task
 
 import (
+	"context"
 	"fmt"
 	"sync"
 
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/process"
 	"github.com/containerd/errdefs"
 )
@@ -26,6 +28,26 @@ func (t *Execs[P]) Lookup(execID string) (P, error) {
 	if !ok {
 		var zero P
 		return zero, fmt.Errorf("exec %s: %w", execID, errdefs.ErrNotFound)
+	}
+	return p, nil
+}
+
+// Process returns init for the empty exec ID, else the exec'd process.
+func (t *Execs[P]) Process(init process.Process, execID string) (process.Process, error) {
+	if execID == "" {
+		return init, nil
+	}
+	return t.Lookup(execID)
+}
+
+// StartProcess starts the init or exec'd process that r names.
+func (t *Execs[P]) StartProcess(ctx context.Context, init process.Process, r *taskAPI.StartRequest) (process.Process, error) {
+	p, err := t.Process(init, r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.Start(ctx); err != nil {
+		return nil, err
 	}
 	return p, nil
 }

@@ -33,6 +33,12 @@ func TestExecsTable(t *testing.T) {
 	if n := len(table.ExecdProcesses()); n != 1 {
 		t.Fatalf("%d exec'd processes, want 1", n)
 	}
+	if p, err := table.Process(nil, "e1"); err != nil || p != nil {
+		t.Fatalf("Process(e1) = %v, %v", p, err)
+	}
+	if _, err := table.Process(nil, "e2"); !errdefs.IsNotFound(err) {
+		t.Fatalf("Process of unknown exec = %v, want NotFound", err)
+	}
 	table.Remove("e1")
 	if _, err := table.Lookup("e1"); !errdefs.IsNotFound(err) {
 		t.Fatalf("Lookup after Remove = %v, want NotFound", err)

@@ -55,10 +55,7 @@ func (c *container) isPaused() bool {
 }
 
 func (c *container) Process(execID string) (process.Process, error) {
-	if execID == "" {
-		return c.init, nil
-	}
-	p, err := c.Lookup(execID)
+	p, err := c.Execs.Process(c.init, execID)
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", c.id, err)
 	}
@@ -66,14 +63,7 @@ func (c *container) Process(execID string) (process.Process, error) {
 }
 
 func (c *container) Start(ctx context.Context, r *taskAPI.StartRequest) (process.Process, error) {
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return nil, err
-	}
-	if err := p.Start(ctx); err != nil {
-		return nil, err
-	}
-	return p, nil
+	return c.StartProcess(ctx, c.init, r)
 }
 
 // Delete deletes an exec'd process, or the init and with it the container:
