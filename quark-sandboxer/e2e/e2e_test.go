@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -106,14 +105,7 @@ func TestE2EGVisorPodLifecycle(t *testing.T) {
 		t.Errorf("the workload runs as host processes: %v", hostProcs)
 	}
 
-	ip := env.PodIP(t, podID)
-	_, subnet, _ := net.ParseCIDR(env.Subnet)
-	if !subnet.Contains(net.ParseIP(ip)) {
-		t.Errorf("pod IP %q not in %s", ip, env.Subnet)
-	}
-	if out, _, code := env.ExecSync(t, mainID, 10*time.Second, "ip", "-o", "-4", "addr", "show", "eth0"); code != 0 || !strings.Contains(out, ip+"/") {
-		t.Errorf("eth0 in the gVisor sandbox does not carry %s: %q (%d)", ip, out, code)
-	}
+	ip := env.CheckPodNetwork(t, podID, mainID)
 
 	out, _, code := env.ExecSync(t, mainID, 10*time.Second, "sh", "-c", "echo exec-ok; exit 3")
 	if out != "exec-ok\n" || code != 3 {

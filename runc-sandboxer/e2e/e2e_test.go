@@ -2,7 +2,6 @@
 package e2e
 
 import (
-	"net"
 	"os"
 	"path"
 	"path/filepath"
@@ -59,14 +58,7 @@ func TestE2ERuncPodLifecycle(t *testing.T) {
 		t.Errorf("container does not see the pod's hostname; log %q", log)
 	}
 
-	ip := env.PodIP(t, podID)
-	_, subnet, _ := net.ParseCIDR(env.Subnet)
-	if !subnet.Contains(net.ParseIP(ip)) {
-		t.Errorf("pod IP %q not in %s", ip, env.Subnet)
-	}
-	if out, _, code := env.ExecSync(t, mainID, 10*time.Second, "ip", "-o", "-4", "addr", "show", "eth0"); code != 0 || !strings.Contains(out, ip+"/") {
-		t.Errorf("eth0 in the container does not carry %s: %q (%d)", ip, out, code)
-	}
+	env.CheckPodNetwork(t, podID, mainID)
 	if out, _, code := env.ExecSync(t, mainID, 10*time.Second, "ping", "-c", "1", "-W", "2", env.Gateway); code != 0 {
 		t.Errorf("ping gateway %s: %d %s", env.Gateway, code, out)
 	}

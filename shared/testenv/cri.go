@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -320,6 +321,24 @@ func (e *Env) PodIP(t testing.TB, podID string) string {
 	ip := e.PodStatus(t, podID).GetNetwork().GetIp()
 	if ip == "" {
 		t.Fatalf("pod %s has no IP", podID)
+	}
+	return ip
+}
+
+// CheckPodNetwork checks that the pod got an IP of the env's subnet and
+// that eth0, as container ctrID sees it, carries it. It returns the IP.
+func (e *Env) CheckPodNetwork(t testing.TB, podID, ctrID string) string {
+	t.Helper()
+	ip := e.PodIP(t, podID)
+	_, subnet, err := net.ParseCIDR(e.Subnet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !subnet.Contains(net.ParseIP(ip)) {
+		t.Errorf("pod IP %q not in %s", ip, e.Subnet)
+	}
+	if out, _, code := e.ExecSync(t, ctrID, 10*time.Second, "ip", "-o", "-4", "addr", "show", "eth0"); code != 0 || !strings.Contains(out, ip+"/") {
+		t.Errorf("eth0 of container %s does not carry the pod IP %s: %q (exit %d)", ctrID, ip, out, code)
 	}
 	return ip
 }
