@@ -216,19 +216,7 @@ func (r *results) markdown(c config) string {
 		w("")
 		w("RunPodSandbox + CreateContainer + StartContainer until the container's first log line (ms; nearest-rank percentiles). The series take turns pod by pod (serial) and batch by batch (parallel).")
 		w("")
-		hdr, sep := "| mode | percentile |", "|---|---|"
-		for _, s := range r.series {
-			hdr += fmt.Sprintf(" %s (ms) |", s.Label())
-			sep += "--:|"
-		}
-		if ratio {
-			for _, s := range others(r.series) {
-				hdr += fmt.Sprintf(" %s / shim |", s.Label())
-				sep += "--:|"
-			}
-		}
-		w("%s", hdr)
-		w("%s", sep)
+		r.seriesHeader(w, "| mode | percentile |", "|---|---|", []string{"%s (ms)"}, ratio)
 		for _, mode := range []string{"serial", "parallel"} {
 			ms := map[string][]float64{}
 			var ns []string
@@ -315,19 +303,7 @@ func (r *results) markdown(c config) string {
 		w("")
 		w("The containers' own processes are not counted; neither is containerd. One series is measured at a time.")
 		w("")
-		hdr, sep := "| pods |", "|--:|"
-		for _, s := range r.series {
-			hdr += fmt.Sprintf(" %s total (MiB) | per pod (MiB) |", s.Label())
-			sep += "--:|--:|"
-		}
-		if ratio {
-			for _, s := range others(r.series) {
-				hdr += fmt.Sprintf(" %s / shim |", s.Label())
-				sep += "--:|"
-			}
-		}
-		w("%s", hdr)
-		w("%s", sep)
+		r.seriesHeader(w, "| pods |", "|--:|", []string{"%s total (MiB)", "per pod (MiB)"}, ratio)
 		for _, n := range r.podCounts() {
 			tot := map[string]float64{}
 			row := fmt.Sprintf("| %d |", n)
@@ -558,4 +534,27 @@ func writeCSV(path string, rows [][]string) error {
 		return err
 	}
 	return os.WriteFile(path, buf.Bytes(), 0o644)
+}
+
+// seriesHeader writes a table's header: the leading columns, then cols for
+// each series (a %s in a column names the series), then a ratio column for
+// each series but the shim when ratio is set.
+func (r *results) seriesHeader(w func(string, ...any), hdr, sep string, cols []string, ratio bool) {
+	for _, s := range r.series {
+		for _, c := range cols {
+			if strings.Contains(c, "%s") {
+				c = fmt.Sprintf(c, s.Label())
+			}
+			hdr += " " + c + " |"
+			sep += "--:|"
+		}
+	}
+	if ratio {
+		for _, s := range others(r.series) {
+			hdr += fmt.Sprintf(" %s / shim |", s.Label())
+			sep += "--:|"
+		}
+	}
+	w("%s", hdr)
+	w("%s", sep)
 }
