@@ -19,7 +19,6 @@ import (
 
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/events"
-	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/sdnotify"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/version"
@@ -56,7 +55,8 @@ type Base struct {
 var ErrVersionPrinted = errors.New("version printed")
 
 // Init parses args, prints the version if asked, loads cfg (defaults on
-// entry), sets up logging, reaping and the state directory.
+// entry), sets up logging and the state directory. Families that run
+// container processes on the host also start reaping (package reap).
 func Init(name string, args []string, cfg Config, stdout, stderr io.Writer) (*Base, error) {
 	flags, err := ParseFlags(name, args, stderr)
 	if err != nil {
@@ -85,9 +85,6 @@ func Init(name string, args []string, cfg Config, stdout, stderr io.Writer) (*Ba
 	}
 	st, err := store.Open(filepath.Join(flags.Dir, "sandboxes"))
 	if err != nil {
-		return nil, err
-	}
-	if err := reap.Start(log); err != nil {
 		return nil, err
 	}
 	return &Base{

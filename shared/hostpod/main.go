@@ -12,6 +12,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
@@ -44,6 +45,9 @@ func run(name string, cfg daemon.Config, newRuntime NewRuntime) error {
 		return err
 	}
 	defer base.Log.Sync()
+	if err := reap.Start(base.Log); err != nil {
+		return err
+	}
 	ctrl, err := controller.New(context.Background(), New(base.TaskAddress(), base.Log.Named("pods")), base.Store, base.Log.Named("controller"))
 	if err != nil {
 		return err

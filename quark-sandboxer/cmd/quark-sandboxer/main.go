@@ -21,6 +21,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
@@ -56,6 +57,10 @@ func run() error {
 	}
 	log := base.Log
 	defer log.Sync()
+	// runsc's processes are reaped here (see package reap).
+	if err := reap.Start(log); err != nil {
+		return err
+	}
 	gv := gvisor.New(gvisor.Options{Config: cfg.GVisor, StateDir: base.Flags.Dir, TaskAddress: base.TaskAddress()}, log.Named("gvisor"))
 	engines := []sandbox.Engine{gv, quark.New(cfg.Quark, log.Named("quark"))}
 	for _, e := range engines {
