@@ -5,7 +5,9 @@
 // "kuasar-runc") with the shim (handler "runc"); --runtime adds or chooses
 // wasm-sandboxer ("kuasar-wasm", one series per engine) and quark-sandboxer's
 // gVisor engine ("kuasar-quark", one series per platform). --wasm-cold N
-// adds the cold/warm start of a hello-world wasm container per engine.
+// adds the cold/warm start of a hello-world wasm container per engine;
+// --ctr-mem N the memory of N containers of one long-running program per
+// wasm engine and as a native container (runc-sandboxer, runc shim).
 //
 //	go run ./hack/bench --out DIR [--quick] [--runtime kuasar-runc,runc,kuasar-wasm,kuasar-quark] [flags]
 //
@@ -57,6 +59,8 @@ type config struct {
 	platforms   string
 	wasmCold    int
 	wasmWarm    int
+	ctrMem      int
+	ctrMemShim  bool
 }
 
 // stopping is set by SIGINT/SIGTERM: the loops end, the harness tears down.
@@ -71,6 +75,8 @@ func main() {
 	flag.StringVar(&c.platforms, "gvisor-platforms", "systrap", "kuasar-quark: one series per gVisor platform (systrap, ptrace, kvm), chosen per pod by the annotation "+gvisorPlatformAnnotation)
 	flag.IntVar(&c.wasmCold, "wasm-cold", 0, "if > 0: the wasm cold/warm start section, N cold rounds (each a fresh containerd and daemons: empty module cache) per engine and for the native program under runc-sandboxer")
 	flag.IntVar(&c.wasmWarm, "wasm-warm", 10, "warm starts per kind in the first --wasm-cold round")
+	flag.IntVar(&c.ctrMem, "ctr-mem", 0, "if > 0: the per-container memory section: N containers of the same long-running program in one pod per wasm engine of --wasm-engines, and the same program built for Linux under runc-sandboxer (and containerd's runc shim, see --ctr-mem-shim); PSS, anonymous and private memory of each container's processes")
+	flag.BoolVar(&c.ctrMemShim, "ctr-mem-shim", true, "--ctr-mem: also the native program under containerd's runc shim (the shim and pause of its pod reported apart)")
 	flag.BoolVar(&c.quick, "quick", false, "small run (under two minutes): --serial 20 --parallel 5 --batches 2 --pod-counts 1,5,10 --warmup 1 --settle 1s --mem-samples 2, unless those flags are given")
 	flag.IntVar(&c.serial, "serial", 100, "pods per runtime started one after another")
 	flag.IntVar(&c.parallel, "parallel", 20, "pods per batch started at once")
@@ -122,14 +128,14 @@ func main() {
 		fatalf("--runtime: %v", err)
 	}
 	c.wasmEngines = splitList(engines)
-	if c.wasmCold > 0 && len(c.wasmEngines) == 0 {
-		fatalf("--wasm-cold: no --wasm-engines given")
+	if (c.wasmCold > 0 || c.ctrMem > 0) && len(c.wasmEngines) == 0 {
+		fatalf("--wasm-cold, --ctr-mem: no --wasm-engines given")
 	}
-	if c.serial < 0 || c.parallel < 1 || c.batches < 0 || c.warmup < 0 || c.memSamples < 1 || c.poll <= 0 || c.wasmCold < 0 || c.wasmWarm < 0 {
-		fatalf("bad flags: --serial, --batches, --warmup, --wasm-cold and --wasm-warm must be >= 0, --parallel and --mem-samples >= 1, --poll > 0")
+	if c.serial < 0 || c.parallel < 1 || c.batches < 0 || c.warmup < 0 || c.memSamples < 1 || c.poll <= 0 || c.wasmCold < 0 || c.wasmWarm < 0 || c.ctrMem < 0 {
+		fatalf("bad flags: --serial, --batches, --warmup, --wasm-cold, --wasm-warm and --ctr-mem must be >= 0, --parallel and --mem-samples >= 1, --poll > 0")
 	}
-	if c.skipStart && c.skipMemory && c.wasmCold == 0 {
-		fatalf("nothing to do: --skip-startup, --skip-memory and no --wasm-cold")
+	if c.skipStart && c.skipMemory && c.wasmCold == 0 && c.ctrMem == 0 {
+		fatalf("nothing to do: --skip-startup, --skip-memory and no --wasm-cold or --ctr-mem")
 	}
 	if os.Geteuid() != 0 {
 		fatalf("must run as root: it starts containerd, creates namespaces, cgroups, mounts and network devices (try: sudo make bench)")
@@ -163,7 +169,14 @@ func main() {
 			res.incomplete = false
 		}
 	}
-	if len(res.startup) > 0 || len(res.memory) > 0 || len(res.wasm) > 0 {
+	if runErr == nil && c.ctrMem > 0 {
+		res.incomplete = true
+		runErr = ctrMemRun(c, res)
+		if runErr == nil {
+			res.incomplete = false
+		}
+	}
+	if len(res.startup) > 0 || len(res.memory) > 0 || len(res.wasm) > 0 || len(res.ctrMem) > 0 {
 		res.wall = time.Since(began)
 		md, err := res.write(c)
 		if err != nil {

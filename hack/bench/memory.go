@@ -288,14 +288,32 @@ func listProcs() []proc {
 // errGone is a process that ended between listing and reading.
 var errGone = errors.New("process gone")
 
+// rollup is a process's /proc/<pid>/smaps_rollup, in KiB.
+type rollup struct {
+	PSS, RSS int64
+	// Anon is Anonymous: (the process's heap, stacks, anonymous mappings,
+	// and copied-on-write pages of private file mappings).
+	Anon int64
+	// Private is Private_Clean + Private_Dirty (USS): what only this
+	// process maps, freed if it ended.
+	Private int64
+}
+
 // smapsRollup returns a process's Pss and Rss in KiB.
 func smapsRollup(pid int) (pss, rss int64, err error) {
+	r, err := readRollup(pid)
+	return r.PSS, r.RSS, err
+}
+
+// readRollup reads a process's smaps_rollup.
+func readRollup(pid int) (rollup, error) {
+	var r rollup
 	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
 	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ESRCH) {
-		return 0, 0, errGone
+		return r, errGone
 	}
 	if err != nil {
-		return 0, 0, err
+		return r, err
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
@@ -311,22 +329,26 @@ func smapsRollup(pid int) (pss, rss int64, err error) {
 		}
 		switch fs[0] {
 		case "Pss:":
-			pss, found = v, true
+			r.PSS, found = v, true
 		case "Rss:":
-			rss = v
+			r.RSS = v
+		case "Anonymous:":
+			r.Anon = v
+		case "Private_Clean:", "Private_Dirty:":
+			r.Private += v
 		}
 	}
 	if err := sc.Err(); err != nil {
 		if errors.Is(err, syscall.ESRCH) {
-			return 0, 0, errGone
+			return rollup{}, errGone
 		}
-		return 0, 0, err
+		return rollup{}, err
 	}
 	if !found {
 		// A kernel thread, or a process that exited while read.
-		return 0, 0, errGone
+		return rollup{}, errGone
 	}
-	return pss, rss, nil
+	return r, nil
 }
 
 // managers finds handler's manager processes: the sandboxer daemon (the

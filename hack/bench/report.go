@@ -25,7 +25,8 @@ type results struct {
 	startup    []sample
 	memory     []memRow
 	wasm       []wasmStart
-	mainRun    bool // the startup or memory part ran (under one containerd)
+	ctrMem     []ctrMem // --ctr-mem
+	mainRun    bool     // the startup or memory part ran (under one containerd)
 	wall       time.Duration
 	incomplete bool
 }
@@ -169,6 +170,9 @@ func (r *results) title() string {
 	if len(r.startup) == 0 && len(r.memory) == 0 && len(r.wasm) > 0 {
 		return "Wasm cold and warm start"
 	}
+	if len(r.startup) == 0 && len(r.memory) == 0 && len(r.ctrMem) > 0 {
+		return "Per-container memory: wasm and native"
+	}
 	if len(r.series) == 2 && hasShim(r.series) && hasHandler(r.series, kuasar) {
 		return "kuasar-runc vs containerd's runc shim"
 	}
@@ -208,6 +212,9 @@ func (r *results) markdown(c config) string {
 	}
 	if len(r.wasm) > 0 {
 		w("- wasm cold/warm flags: engines %s, cold rounds %d, warm starts %d, log level %s", strings.Join(c.wasmEngines, ","), c.wasmCold, c.wasmWarm, c.logLevel)
+	}
+	if len(r.ctrMem) > 0 {
+		w("- per-container memory flags: engines %s, containers %d, runc shim %v, settle %v, memory samples %d", strings.Join(c.wasmEngines, ","), c.ctrMem, c.ctrMemShim, c.settle, c.memSamples)
 	}
 	w("")
 
@@ -409,6 +416,9 @@ func (r *results) markdown(c config) string {
 		}
 		w("")
 	}
+	if len(r.ctrMem) > 0 {
+		r.ctrMemMarkdown(w, c)
+	}
 	return b.String()
 }
 
@@ -439,6 +449,11 @@ func (r *results) write(c config) (string, error) {
 	}
 	if len(r.wasm) > 0 {
 		if err := writeCSV(filepath.Join(c.out, "wasm-start.csv"), r.wasmCSV()); err != nil {
+			return "", err
+		}
+	}
+	if len(r.ctrMem) > 0 {
+		if err := writeCSV(filepath.Join(c.out, "container-memory.csv"), r.ctrMemCSV()); err != nil {
 			return "", err
 		}
 	}
