@@ -123,7 +123,7 @@ func (r *rig) leftovers(id string) []string {
 	if _, err := os.Stat(filepath.Join(r.dir, "pods", id)); err == nil {
 		out = append(out, "directory pods/"+id)
 	}
-	for _, cg := range []string{filepath.Join(sandbox.OwnCgroupRoot, id), filepath.Join(sandbox.OwnCgroupRoot, id, id)} {
+	for _, cg := range []string{filepath.Join(cgroup.OwnRoot, id), filepath.Join(cgroup.OwnRoot, id, id)} {
 		if _, err := cgroup.Load(cg); err == nil {
 			out = append(out, "cgroup "+cg)
 		}

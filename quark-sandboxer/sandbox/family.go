@@ -9,7 +9,6 @@ import (
 	"path"
 	"path/filepath"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/containerd/containerd/api/types"
@@ -24,9 +23,6 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/holder"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 )
-
-// OwnCgroupRoot holds the cgroups of pods that CRI gave no cgroup parent.
-const OwnCgroupRoot = "/kuasar-go"
 
 // state is what the family remembers of a pod (store.Sandbox.Family).
 type state struct {
@@ -171,13 +167,9 @@ func (f *Family) Create(ctx context.Context, sb *store.Sandbox) error {
 		}
 	}
 	if eng.Cgrouped() {
-		st.PodCgroup = cfg.GetLinux().GetCgroupParent()
-		if st.PodCgroup == "" {
-			st.PodCgroup = path.Join(OwnCgroupRoot, sb.ID)
-			st.OwnPodCgroup = true
-		}
-		if !strings.HasPrefix(st.PodCgroup, "/") || path.Clean(st.PodCgroup) != st.PodCgroup {
-			return fmt.Errorf("cgroup parent %q must be a clean absolute cgroupfs path (the systemd cgroup driver is not supported): %w", st.PodCgroup, errdefs.ErrInvalidArgument)
+		var err error
+		if st.PodCgroup, st.OwnPodCgroup, err = cgroup.PodPath(cfg.GetLinux().GetCgroupParent(), sb.ID); err != nil {
+			return err
 		}
 	}
 	pod, err := f.pod(sb, st)
@@ -287,11 +279,11 @@ func (f *Family) Shutdown(ctx context.Context, sb *store.Sandbox) error {
 		return err
 	}
 	if st.PodCgroup != "" {
-		if err := deleteCgroup(pod.Cgroup); err != nil {
+		if err := cgroup.Remove(pod.Cgroup); err != nil {
 			return err
 		}
 		if st.OwnPodCgroup {
-			if err := deleteCgroup(st.PodCgroup); err != nil {
+			if err := cgroup.Remove(st.PodCgroup); err != nil {
 				return err
 			}
 		}
@@ -329,22 +321,6 @@ func (f *Family) Update(ctx context.Context, sb *store.Sandbox, upd *types.Sandb
 		return err
 	}
 	return uerr
-}
-
-func deleteCgroup(p string) error {
-	cg, err := cgroup.Load(p)
-	if err != nil {
-		return nil // already gone
-	}
-	// A cgroup empties a moment after its last process was killed.
-	var derr error
-	for i := 0; i < 100; i++ {
-		if derr = cg.Delete(); derr == nil {
-			return nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return derr
 }
 
 // Unmount lazily unmounts every mount at or below dir, deepest first, and

@@ -7,13 +7,16 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
 	"github.com/containerd/cgroups/v3/cgroup2"
 	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -116,4 +119,38 @@ func (g *Group) Metric(id string) (*types.Metric, error) {
 		return nil, err
 	}
 	return &types.Metric{Timestamp: timestamppb.New(time.Now()), ID: id, Data: data}, nil
+}
+
+// OwnRoot holds the cgroups of pods that CRI gave no cgroup parent.
+const OwnRoot = "/kuasar-go"
+
+// PodPath is the cgroup of pod id: CRI's cgroup parent, or OwnRoot/<id>
+// (own is then true: the sandboxer made it and removes it) when there is
+// none. Only cgroupfs paths are supported.
+func PodPath(parent, id string) (p string, own bool, err error) {
+	if parent == "" {
+		return path.Join(OwnRoot, id), true, nil
+	}
+	if !strings.HasPrefix(parent, "/") || path.Clean(parent) != parent {
+		return "", false, fmt.Errorf("cgroup parent %q must be a clean absolute cgroupfs path (the systemd cgroup driver is not supported): %w", parent, errdefs.ErrInvalidArgument)
+	}
+	return parent, false, nil
+}
+
+// Remove deletes the cgroup at p, waiting while its last processes leave
+// (a cgroup empties a moment after they were killed). A cgroup that is
+// already gone is not an error.
+func Remove(p string) error {
+	g, err := Load(p)
+	if err != nil {
+		return nil
+	}
+	var derr error
+	for i := 0; i < 100; i++ {
+		if derr = g.Delete(); derr == nil {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return derr
 }

@@ -8,7 +8,6 @@ import (
 	"context"
 	"fmt"
 	"path"
-	"strings"
 	"time"
 
 	"github.com/containerd/containerd/api/types"
@@ -25,9 +24,6 @@ import (
 // taskAPIVersion is the task API version containerd must speak to us; 3
 // tells containerd to connect directly instead of spawning a shim.
 const taskAPIVersion = 3
-
-// ownCgroupRoot holds the cgroups of pods that CRI gave no cgroup parent.
-const OwnCgroupRoot = "/kuasar-go"
 
 // state is what the family remembers of a pod (store.Sandbox.Family).
 type state struct {
@@ -99,13 +95,9 @@ func (r *Sandboxer) Create(ctx context.Context, sb *store.Sandbox) error {
 	if err != nil {
 		return err
 	}
-	st := state{Spec: spec, PodCgroup: cfg.GetLinux().GetCgroupParent()}
-	if st.PodCgroup == "" {
-		st.PodCgroup = path.Join(OwnCgroupRoot, sb.ID)
-		st.OwnPodCgroup = true
-	}
-	if !strings.HasPrefix(st.PodCgroup, "/") || path.Clean(st.PodCgroup) != st.PodCgroup {
-		return fmt.Errorf("cgroup parent %q must be a clean absolute cgroupfs path (the systemd cgroup driver is not supported): %w", st.PodCgroup, errdefs.ErrInvalidArgument)
+	st := state{Spec: spec}
+	if st.PodCgroup, st.OwnPodCgroup, err = cgroup.PodPath(cfg.GetLinux().GetCgroupParent(), sb.ID); err != nil {
+		return err
 	}
 	if _, err := cgroup.New(st.holderCgroup(sb.ID)); err != nil {
 		return err
@@ -191,30 +183,13 @@ func (r *Sandboxer) Shutdown(ctx context.Context, sb *store.Sandbox) error {
 	if err := holder.Stop(st.holder(), 0); err != nil {
 		return err
 	}
-	if err := deleteCgroup(st.holderCgroup(sb.ID)); err != nil {
+	if err := cgroup.Remove(st.holderCgroup(sb.ID)); err != nil {
 		return err
 	}
 	if st.OwnPodCgroup {
-		return deleteCgroup(st.PodCgroup)
+		return cgroup.Remove(st.PodCgroup)
 	}
 	return nil
-}
-
-func deleteCgroup(p string) error {
-	cg, err := cgroup.Load(p)
-	if err != nil {
-		// Already gone.
-		return nil
-	}
-	// The holder's cgroup empties a moment after its process is killed.
-	var derr error
-	for i := 0; i < 50; i++ {
-		if derr = cg.Delete(); derr == nil {
-			return nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return derr
 }
 
 // Metrics reports the pod cgroup's statistics, which include its containers.

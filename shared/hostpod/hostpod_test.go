@@ -232,8 +232,8 @@ func TestControllerLifecycle(t *testing.T) {
 	if files := stateFiles(t, r.Dir); len(files) != 0 {
 		t.Errorf("state files left: %v", files)
 	}
-	if _, err := cgroup.Load(filepath.Join(OwnCgroupRoot, id)); err == nil {
-		t.Errorf("pod cgroup %s left behind", filepath.Join(OwnCgroupRoot, id))
+	if _, err := cgroup.Load(filepath.Join(cgroup.OwnRoot, id)); err == nil {
+		t.Errorf("pod cgroup %s left behind", filepath.Join(cgroup.OwnRoot, id))
 	}
 }
 

@@ -222,7 +222,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	if r.Checkpoint != "" || r.ParentCheckpoint != "" {
 		return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "checkpoint restore is not supported")
 	}
-	sandboxID, spec, err := readBundle(r.Bundle)
+	sandboxID, spec, err := ReadBundle(r.Bundle)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
@@ -271,9 +271,9 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	return &taskAPI.CreateTaskResponse{Pid: uint32(rc.Pid())}, nil
 }
 
-// readBundle checks the bundle containerd prepared and returns the pod it
+// ReadBundle checks the bundle containerd prepared and returns the pod it
 // belongs to (containerd writes it to <bundle>/sandbox) and its OCI spec.
-func readBundle(bundle string) (string, *specs.Spec, error) {
+func ReadBundle(bundle string) (string, *specs.Spec, error) {
 	if err := validate.AbsPath("bundle", bundle); err != nil {
 		return "", nil, err
 	}
