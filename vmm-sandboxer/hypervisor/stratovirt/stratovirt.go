@@ -45,20 +45,8 @@ func New(vm hypervisor.Config, c Config, log *zap.Logger) (*StratoVirt, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	if vm.Binary == "" {
-		vm.Binary = c.Binary
-	}
-	if vm.CPUs == 0 {
-		vm.CPUs = c.CPUs
-	}
-	if vm.MemoryMiB == 0 {
-		vm.MemoryMiB = c.MemoryMiB
-	}
-	switch vm.Accel {
-	case "", hypervisor.AccelAuto:
-		vm.Accel = hypervisor.AccelKVM
-	case hypervisor.AccelTCG:
-		return nil, fmt.Errorf("stratovirt: vm %s: accelerator tcg: stratovirt runs on kvm only", vm.ID)
+	if err := vm.KVMDefaults("stratovirt", c.Binary, c.CPUs, c.MemoryMiB); err != nil {
+		return nil, fmt.Errorf("stratovirt: vm %s: %w", vm.ID, err)
 	}
 	err := vm.Validate()
 	if vm.MemoryMiB < MinMemoryMiB {
