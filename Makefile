@@ -65,7 +65,7 @@ vet:
 
 # Everything: unit tests and, as root, the end-to-end tests through
 # containerd and CRI (they skip with a message when not root).
-test: deps build tools vet
+test: deps build guest tools vet
 	KUASAR_GO_OUTPUT=$(OUT) $(GOTEST) $(TESTFLAGS) $(PKGS)
 
 # No dependency on build, so `sudo make install` doesn't compile as root;

@@ -242,6 +242,7 @@ func (s *Server) Start(ctx context.Context, req *sandboxapi.ControllerStartReque
 	}
 	ch, err := s.family.Start(ctx, sb)
 	if err != nil {
+		s.forgetFailed(ctx, e)
 		return nil, toGRPC(fmt.Errorf("start sandbox %s: %w", sb.ID, err))
 	}
 	sb.State = store.StateRunning
@@ -265,6 +266,27 @@ func (s *Server) Start(ctx context.Context, req *sandboxapi.ControllerStartReque
 		Address:   sb.Address,
 		Version:   sb.Version,
 	}, nil
+}
+
+// forgetFailed releases a sandbox whose start failed and forgets it:
+// containerd drops a sandbox whose start failed without a Shutdown, so
+// nothing else would. A sandbox whose release fails is kept (created), and
+// a later Shutdown can retry. Called with e.mu held.
+func (s *Server) forgetFailed(ctx context.Context, e *entry) {
+	ctx = context.WithoutCancel(ctx)
+	if err := s.family.Shutdown(ctx, e.sb); err != nil {
+		s.log.Error("release sandbox after failed start", zap.String("sandbox", e.sb.ID), zap.Error(err))
+		return
+	}
+	if err := s.store.Delete(e.sb.ID); err != nil {
+		s.log.Error("forget sandbox after failed start", zap.String("sandbox", e.sb.ID), zap.Error(err))
+		return
+	}
+	s.mu.Lock()
+	if s.sandboxes[e.sb.ID] == e {
+		delete(s.sandboxes, e.sb.ID)
+	}
+	s.mu.Unlock()
 }
 
 // watch records the sandbox's exit when its family reports it.

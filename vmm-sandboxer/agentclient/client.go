@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -70,9 +71,12 @@ type Stdio struct {
 type Process struct {
 	c                   *Client
 	ContainerID, ExecID string
-	streams             []net.Conn
-	copies              sync.WaitGroup
-	stdin               net.Conn
+	// Pid is the init's PID in the guest once created (execs: 0 until
+	// started).
+	Pid     uint32
+	streams []net.Conn
+	copies  sync.WaitGroup
+	stdin   net.Conn
 }
 
 // CreateFromBundle creates container id from the OCI bundle at bundle
@@ -88,8 +92,8 @@ func (c *Client) CreateFromBundle(ctx context.Context, id, bundle string, share 
 	if err := json.Unmarshal(b, &spec); err != nil {
 		return nil, fmt.Errorf("agentclient: %s/config.json: %w", bundle, err)
 	}
-	if spec.Root == nil || spec.Process == nil {
-		return nil, fmt.Errorf("agentclient: %s/config.json has no root or process", bundle)
+	if spec.Root == nil {
+		return nil, fmt.Errorf("agentclient: %s/config.json has no root", bundle)
 	}
 	root := spec.Root.Path
 	if !filepath.IsAbs(root) {
@@ -99,28 +103,41 @@ func (c *Client) CreateFromBundle(ctx context.Context, id, bundle string, share 
 	if err != nil {
 		return nil, err
 	}
-	// The agent mounts the rootfs at its own bundle's rootfs.
-	spec.Root.Path = "rootfs"
-	if spec.Process.Terminal {
-		return nil, errors.New("agentclient: terminals are not supported yet")
+	return c.Create(ctx, id, &spec, guestRoot, stdio)
+}
+
+// Create creates container id from spec, whose rootfs is the guest
+// directory guestRoot (in the share), not yet started. With a terminal,
+// stdout carries the terminal's output and there is no stderr stream.
+func (c *Client) Create(ctx context.Context, id string, spec *specs.Spec, guestRoot string, stdio Stdio) (*Process, error) {
+	if spec.Root == nil || spec.Process == nil {
+		return nil, errors.New("agentclient: the spec has no root or process")
 	}
-	sb, err := json.Marshal(&spec)
+	// The agent mounts the rootfs at its own bundle's rootfs.
+	guestSpec := *spec
+	root := *spec.Root
+	root.Path = "rootfs"
+	guestSpec.Root = &root
+	sb, err := json.Marshal(&guestSpec)
 	if err != nil {
 		return nil, err
 	}
 	ro := []string{"rbind"}
-	if spec.Root.Readonly {
+	if root.Readonly {
 		ro = append(ro, "ro")
 	}
-	_, err = c.CreateContainer(ctx, &vmmtask.CreateContainerRequest{
-		ContainerId: id, Spec: sb,
+	if spec.Process.Terminal {
+		stdio.Stderr = nil
+	}
+	resp, err := c.CreateContainer(ctx, &vmmtask.CreateContainerRequest{
+		ContainerId: id, Spec: sb, Terminal: spec.Process.Terminal,
 		Rootfs: []*vmmtask.MountRequest{{Type: "bind", Source: guestRoot, Options: ro}},
 		Stdin:  stdio.Stdin != nil, Stdout: stdio.Stdout != nil, Stderr: stdio.Stderr != nil,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("agentclient: create container %s: %w", id, err)
 	}
-	p := &Process{c: c, ContainerID: id}
+	p := &Process{c: c, ContainerID: id, Pid: resp.Pid}
 	if err := p.attach(ctx, stdio); err != nil {
 		p.closeStreams()
 		_, _ = c.DeleteProcess(context.Background(), &vmmtask.DeleteProcessRequest{ContainerId: id})
@@ -134,6 +151,9 @@ func (c *Client) Exec(ctx context.Context, containerID, execID string, spec *spe
 	b, err := json.Marshal(spec)
 	if err != nil {
 		return nil, err
+	}
+	if spec.Terminal {
+		stdio.Stderr = nil
 	}
 	_, err = c.ExecProcess(ctx, &vmmtask.ExecProcessRequest{
 		ContainerId: containerID, ExecId: execID, Process: b, Terminal: spec.Terminal,
@@ -236,18 +256,26 @@ func (p *Process) Start(ctx context.Context) (uint32, error) {
 // Wait waits for the process to exit and its output streams to end, and
 // returns its exit status.
 func (p *Process) Wait(ctx context.Context) (uint32, error) {
+	status, _, err := p.Exit(ctx)
+	return status, err
+}
+
+// Exit is Wait that also reports when, by the guest's clock, the process
+// exited.
+func (p *Process) Exit(ctx context.Context) (uint32, time.Time, error) {
 	r, err := p.c.WaitProcess(ctx, &vmmtask.WaitProcessRequest{ContainerId: p.ContainerID, ExecId: p.ExecID})
 	if err != nil {
-		return 0, fmt.Errorf("agentclient: wait %s/%s: %w", p.ContainerID, p.ExecID, err)
+		return 0, time.Time{}, fmt.Errorf("agentclient: wait %s/%s: %w", p.ContainerID, p.ExecID, err)
 	}
+	at := time.Unix(0, r.ExitedAtUnixNs)
 	done := make(chan struct{})
 	go func() { p.copies.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-ctx.Done():
-		return r.ExitStatus, fmt.Errorf("agentclient: output of %s/%s did not end: %w", p.ContainerID, p.ExecID, ctx.Err())
+		return r.ExitStatus, at, fmt.Errorf("agentclient: output of %s/%s did not end: %w", p.ContainerID, p.ExecID, ctx.Err())
 	}
-	return r.ExitStatus, nil
+	return r.ExitStatus, at, nil
 }
 
 // Signal sends sig to the process (to every process of the container

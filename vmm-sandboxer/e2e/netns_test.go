@@ -82,18 +82,22 @@ func (p *podNet) Close() {
 
 // ping sends one ICMP echo request to ip from the namespace and waits for
 // the reply.
-func (p *podNet) ping(ip string, timeout time.Duration) error {
+func (p *podNet) ping(ip string, timeout time.Duration) error { return icmpPing(p.icmp, ip, timeout) }
+
+// icmpPing sends one ICMP echo request to ip on conn (an ip4:icmp socket)
+// and waits for the reply.
+func icmpPing(conn net.PacketConn, ip string, timeout time.Duration) error {
 	dst := &net.IPAddr{IP: net.ParseIP(ip)}
 	msg := []byte{8, 0, 0, 0, 0x4b, 0x67, 0, 1, 'k', 'u', 'a', 's', 'a', 'r'}
 	binary.BigEndian.PutUint16(msg[2:], icmpChecksum(msg))
 	deadline := time.Now().Add(timeout)
-	_ = p.icmp.SetReadDeadline(deadline)
-	if _, err := p.icmp.WriteTo(msg, dst); err != nil {
+	_ = conn.SetReadDeadline(deadline)
+	if _, err := conn.WriteTo(msg, dst); err != nil {
 		return fmt.Errorf("send echo to %s: %w", ip, err)
 	}
 	buf := make([]byte, 1500)
 	for {
-		n, from, err := p.icmp.ReadFrom(buf)
+		n, from, err := conn.ReadFrom(buf)
 		if err != nil {
 			return fmt.Errorf("no echo reply from %s: %w", ip, err)
 		}

@@ -1,18 +1,58 @@
-// Command vmm-sandboxer will serve vmm pods; it is not built yet.
+// Command vmm-sandboxer serves containerd's sandbox controller for pods
+// that each run in their own VM, and a task service per pod that drives
+// the containers in it through the guest agent vmm-task.
 package main
 
 import (
+	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"os"
 
-	"github.com/kuasar-go/kuasar-go/shared/version"
+	"go.uber.org/zap"
+
+	"github.com/kuasar-go/kuasar-go/shared/controller"
+	"github.com/kuasar-go/kuasar-go/shared/daemon"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/sandbox"
 )
 
+const name = "vmm-sandboxer"
+
 func main() {
-	if len(os.Args) > 1 && (os.Args[1] == "--version" || os.Args[1] == "-version") {
-		fmt.Println(version.String("vmm-sandboxer"))
-		return
+	if err := run(); err != nil {
+		if errors.Is(err, daemon.ErrVersionPrinted) {
+			return
+		}
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+		}
+		os.Exit(1)
 	}
-	fmt.Fprintln(os.Stderr, "vmm-sandboxer: not built yet (see the project's issues)")
-	os.Exit(1)
+}
+
+func run() error {
+	cfg := sandbox.DefaultConfig()
+	base, err := daemon.Init(name, os.Args[1:], cfg, os.Stdout, os.Stderr)
+	if err != nil {
+		return err
+	}
+	log := base.Log
+	defer log.Sync()
+	for _, p := range []string{cfg.Guest.Kernel, cfg.Guest.Initrd} {
+		if _, err := os.Stat(p); err != nil {
+			log.Warn("guest image missing: pods cannot start until it is installed (make guest; make install SANDBOXER=vmm)", zap.Error(err))
+		}
+	}
+	family := sandbox.New(cfg, base.Flags.Dir, base.Events, log.Named("pods"))
+	ctrl, err := controller.New(context.Background(), family, base.Store, log.Named("controller"))
+	if err != nil {
+		return err
+	}
+	// Each pod serves its own task socket (see package sandbox).
+	if err := base.Serve(ctrl, nil); err != nil {
+		log.Error("exiting", zap.Error(err))
+		return err
+	}
+	return nil
 }

@@ -1,0 +1,172 @@
+package e2e
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/guest"
+)
+
+const handler = "kuasar-vmm"
+
+// guestImage is the kernel and initramfs `make guest` built.
+func guestImage(t *testing.T) (kernel, initrd string) {
+	t.Helper()
+	out, err := testenv.OutputDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kernel, initrd = filepath.Join(out, "guest", guest.KernelName), filepath.Join(out, "guest", guest.InitrdName)
+	testenv.RequireFiles(t, kernel, initrd)
+	return kernel, initrd
+}
+
+// vmmConfig is a vmm-sandboxer config booting the guest under TCG (auto:
+// the KVM probe fails here) with extra kernel parameters.
+func vmmConfig(kernel, initrd, kernelParams string) string {
+	return fmt.Sprintf("[guest]\nkernel = %q\ninitrd = %q\nkernel_params = %q\nboot_timeout_seconds = 240\n", kernel, initrd, kernelParams)
+}
+
+// TestE2EVMMPodLifecycle runs a VM pod through containerd's CRI under TCG:
+// a container whose output shows the guest's kernel (not the host's), its
+// pod IP on the guest's eth0 and reachable from the host, the host's
+// bridge reachable from it, ExecSync, a second container in the same VM, a
+// container the guest refuses, exit codes, stop and removal; then no QEMU,
+// virtiofsd, tap, mount or file is left. Beside it, pods of two broken
+// configurations fail with the cause: a missing guest image, and a guest
+// that panics at boot (the console's end is in the error).
+func TestE2EVMMPodLifecycle(t *testing.T) {
+	testenv.RequireRoot(t)
+	kernel, initrd := guestImage(t)
+	bin := testenv.Binary("vmm-sandboxer")
+	testenv.RequireFiles(t, bin)
+	env := testenv.Start(t, testenv.Options{Sandboxers: []testenv.Sandboxer{
+		{Name: handler, Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, os.Getenv("KUASAR_KERNEL_PARAMS"))},
+		{Name: "kuasar-vmm-noimage", Binary: bin, ConfigTOML: vmmConfig(kernel+".missing", initrd, "")},
+		{Name: "kuasar-vmm-panic", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "rdinit=/no-such-init")},
+	}})
+	// Runs before the environment's cleanup removes the VMs' directories.
+	t.Cleanup(func() {
+		if !t.Failed() && os.Getenv("KUASAR_SHOW_CONSOLE") == "" {
+			return
+		}
+		logs, _ := filepath.Glob(filepath.Join(env.SandboxerDirs[handler], "vm", "*", "console.log"))
+		for _, l := range logs {
+			b, _ := os.ReadFile(l)
+			t.Logf("guest console %s:\n%s", l, b)
+		}
+	})
+	before := env.Snapshot()
+
+	t.Run("BrokenConfigurations", func(t *testing.T) {
+		for _, c := range []struct{ handler, want string }{
+			{"kuasar-vmm-noimage", "guest image"},
+			{"kuasar-vmm-panic", "Kernel panic"},
+		} {
+			_, err := env.TryRunPod(c.handler, nil)
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("RunPodSandbox with %s: %v; want an error naming %q", c.handler, err, c.want)
+			}
+		}
+	})
+
+	t0 := time.Now()
+	podCfg := env.PodConfig()
+	podCfg.Hostname = "kuasar-vm-pod"
+	podID := env.RunPod(t, handler, podCfg)
+	tPod := time.Since(t0)
+
+	main := testenv.ContainerConfig("main", "sh", "-c", "echo hello-from-the-vm; uname -r; hostname; echo to-stderr >&2; exec sleep 3600")
+	mainID := env.CreateStartContainer(t, podID, podCfg, main)
+	log := env.WaitLog(t, podCfg, main, "to-stderr", 60*time.Second)
+	tFirstLog := time.Since(t0)
+	guestKernel, err := guest.NewestKernel("/lib/modules", "/boot")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var host unix.Utsname
+	_ = unix.Uname(&host)
+	hostKernel := unix.ByteSliceToString(host.Release[:])
+	if want := "hello-from-the-vm\n" + guestKernel + "\nkuasar-vm-pod\n"; !strings.HasPrefix(log, want) {
+		t.Errorf("container log %q, want it to start with %q", log, want)
+	}
+	if guestKernel == hostKernel {
+		t.Logf("the guest runs the host's kernel release %s: the kernel check proves less", hostKernel)
+	}
+
+	// The pod's IP is on the guest's eth0; the VM reaches the host's bridge
+	// and the host reaches the VM.
+	podIP := env.CheckPodNetwork(t, podID, mainID)
+	if out, _, code := env.ExecSync(t, mainID, 30*time.Second, "ping", "-c", "1", "-W", "5", env.Gateway); code != 0 {
+		t.Errorf("ping the bridge %s from the VM: exit %d %s", env.Gateway, code, out)
+	}
+	icmp, err := net.ListenPacket("ip4:icmp", "0.0.0.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer icmp.Close()
+	if err := icmpPing(icmp, podIP, 20*time.Second); err != nil {
+		t.Errorf("ping the pod %s from the host: %v", podIP, err)
+	}
+
+	out, _, code := env.ExecSync(t, mainID, 30*time.Second, "sh", "-c", "echo exec-ok; exit 3")
+	if out != "exec-ok\n" || code != 3 {
+		t.Errorf("ExecSync: %q, exit %d; want exec-ok, 3", out, code)
+	}
+
+	// A second container runs in the same VM: same kernel, network, hostname.
+	peer := testenv.ContainerConfig("peer", "sleep", "3600")
+	peerID := env.CreateStartContainer(t, podID, podCfg, peer)
+	if out, _, _ := env.ExecSync(t, peerID, 30*time.Second, "sh", "-c", "hostname; ip -o -4 addr show eth0"); !strings.HasPrefix(out, "kuasar-vm-pod\n") || !strings.Contains(out, podIP+"/") {
+		t.Errorf("peer container: %q; want the pod's hostname and IP %s", out, podIP)
+	}
+
+	// A container the guest cannot run fails with the guest's reason; the
+	// pod goes on.
+	bad := testenv.ContainerConfig("bad", "/no/such/binary")
+	ctx := t.Context()
+	resp, err := env.Runtime.CreateContainer(ctx, &runtime.CreateContainerRequest{PodSandboxId: podID, Config: bad, SandboxConfig: podCfg})
+	if err == nil {
+		_, err = env.Runtime.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: resp.ContainerId})
+	}
+	if err == nil || !strings.Contains(err.Error(), "no/such/binary") {
+		t.Errorf("a container of a missing binary: %v; want the guest's error naming it", err)
+	}
+
+	exiter := testenv.ContainerConfig("exiter", "sh", "-c", "exit 7")
+	exiterID := env.CreateStartContainer(t, podID, podCfg, exiter)
+	if code := env.WaitContainerExited(t, exiterID, 60*time.Second); code != 7 {
+		t.Errorf("exit code %d, want 7", code)
+	}
+
+	if _, err := env.Runtime.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: mainID, Timeout: 2}); err != nil {
+		t.Fatalf("StopContainer: %v", err)
+	}
+	if st := env.ContainerStatus(t, mainID); st.State != runtime.ContainerState_CONTAINER_EXITED {
+		t.Errorf("main after StopContainer: %v", st.State)
+	}
+	if _, err := env.Runtime.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: mainID}); err != nil {
+		t.Fatalf("RemoveContainer: %v", err)
+	}
+	tStop := time.Now()
+	env.StopRemovePod(t, podID)
+	tRemove := time.Since(tStop)
+	env.AssertNoLeaks(t, before, 30*time.Second)
+	if pids := processesMentioning(filepath.Join(env.SandboxerDirs[handler], "vm") + "/"); len(pids) > 0 {
+		t.Errorf("processes of the pod's VM left behind: %v", pids)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(env.SandboxerDirs[handler], "vm")); len(ents) > 0 {
+		t.Errorf("VM directories left behind: %v", ents)
+	}
+	t.Logf("RunPodSandbox %v; pod + container to first log line %v; stop+remove pod %v",
+		tPod.Round(time.Millisecond), tFirstLog.Round(time.Millisecond), tRemove.Round(time.Millisecond))
+}

@@ -1,0 +1,141 @@
+// Package sandbox is vmm-sandboxer's pod lifecycle: every pod is a VM
+// booted from the guest image, with vmm-task as its PID 1, the pod's
+// network wired in through taps and a virtio-fs share for the containers'
+// root file systems; a task service per pod (package vmtask) serves its
+// containers.
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/kuasar-go/kuasar-go/shared/daemon"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor/qemu"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/virtiofs"
+)
+
+// Hypervisor names for Config.Hypervisor.
+const (
+	HypervisorQEMU = "qemu"
+)
+
+// Config is vmm-sandboxer's configuration file.
+type Config struct {
+	daemon.CommonConfig
+	// Hypervisor is the VMM every pod runs under: "qemu".
+	Hypervisor string          `toml:"hypervisor"`
+	Guest      GuestConfig     `toml:"guest"`
+	QEMU       QEMUConfig      `toml:"qemu"`
+	Virtiofsd  VirtiofsdConfig `toml:"virtiofsd"`
+}
+
+// GuestConfig is the guest image and the default size of a pod's VM.
+type GuestConfig struct {
+	// Kernel and Initrd are the guest image `make guest` builds and
+	// `make install SANDBOXER=vmm` installs.
+	Kernel string `toml:"kernel"`
+	Initrd string `toml:"initrd"`
+	// KernelParams are added to the guest kernel's command line.
+	KernelParams string `toml:"kernel_params"`
+	// CPUs and MemoryMiB size a VM whose pod sets no CPU or memory limit.
+	CPUs      int `toml:"cpus"`
+	MemoryMiB int `toml:"memory_mib"`
+	// MemoryOverheadMiB is added to a pod's memory limit for the guest's
+	// own kernel and agent.
+	MemoryOverheadMiB int `toml:"memory_overhead_mib"`
+	// MaxCPUs caps the CPUs a pod's CPU limit can ask for.
+	MaxCPUs int `toml:"max_cpus"`
+	// BootTimeoutSeconds bounds the wait from starting the VMM to the agent
+	// answering. Software emulation on a loaded host is slow.
+	BootTimeoutSeconds int `toml:"boot_timeout_seconds"`
+}
+
+// QEMUConfig configures the QEMU driver.
+type QEMUConfig struct {
+	// Binary is qemu-system-x86_64's name on PATH or its path.
+	Binary string `toml:"binary"`
+	// Accel is "auto" (KVM when a probe boot under it works, else TCG),
+	// "kvm" or "tcg".
+	Accel string `toml:"accel"`
+}
+
+// VirtiofsdConfig configures the virtio-fs daemon of each pod.
+type VirtiofsdConfig struct {
+	Binary string `toml:"binary"`
+	// Cache is virtiofsd's cache mode: "none", "auto" or "always".
+	Cache string `toml:"cache"`
+}
+
+// Guest image paths of a default install.
+const (
+	DefaultKernel = "/usr/share/kuasar-go/vmm/vmlinuz"
+	DefaultInitrd = "/usr/share/kuasar-go/vmm/initramfs.img"
+)
+
+// minGuestMemoryMiB is what the guest kernel, vmm-task and runc need to
+// boot and run a small container.
+const minGuestMemoryMiB = 128
+
+// DefaultConfig is the configuration without a config file.
+func DefaultConfig() *Config {
+	return &Config{
+		CommonConfig: daemon.CommonConfig{LogLevel: "info"},
+		Hypervisor:   HypervisorQEMU,
+		Guest: GuestConfig{
+			Kernel: DefaultKernel, Initrd: DefaultInitrd,
+			CPUs: 1, MemoryMiB: 256, MemoryOverheadMiB: 128, MaxCPUs: 8,
+			BootTimeoutSeconds: 120,
+		},
+		QEMU:      QEMUConfig{Binary: qemu.DefaultBinary, Accel: string(hypervisor.AccelAuto)},
+		Virtiofsd: VirtiofsdConfig{Binary: virtiofs.DefaultBinary, Cache: "none"},
+	}
+}
+
+// Validate reports impossible values, naming the key.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Hypervisor != HypervisorQEMU {
+		errs = append(errs, fmt.Errorf("hypervisor %q: want %q", c.Hypervisor, HypervisorQEMU))
+	}
+	g := c.Guest
+	for key, p := range map[string]string{"guest.kernel": g.Kernel, "guest.initrd": g.Initrd, "virtiofsd.binary": c.Virtiofsd.Binary} {
+		if !filepath.IsAbs(p) {
+			errs = append(errs, fmt.Errorf("%s %q must be an absolute path", key, p))
+		}
+	}
+	if g.CPUs < 1 {
+		errs = append(errs, fmt.Errorf("guest.cpus %d: want at least 1", g.CPUs))
+	}
+	if g.MaxCPUs < g.CPUs {
+		errs = append(errs, fmt.Errorf("guest.max_cpus %d: want at least guest.cpus (%d)", g.MaxCPUs, g.CPUs))
+	}
+	if g.MemoryMiB < minGuestMemoryMiB {
+		errs = append(errs, fmt.Errorf("guest.memory_mib %d: want at least %d", g.MemoryMiB, minGuestMemoryMiB))
+	}
+	if g.MemoryOverheadMiB < 0 {
+		errs = append(errs, fmt.Errorf("guest.memory_overhead_mib %d: must not be negative", g.MemoryOverheadMiB))
+	}
+	if g.BootTimeoutSeconds < 1 {
+		errs = append(errs, fmt.Errorf("guest.boot_timeout_seconds %d: want at least 1", g.BootTimeoutSeconds))
+	}
+	if c.QEMU.Binary == "" {
+		errs = append(errs, errors.New("qemu.binary must not be empty"))
+	}
+	if _, err := hypervisor.ParseAccel(c.QEMU.Accel); err != nil {
+		errs = append(errs, fmt.Errorf("qemu.accel: %w", err))
+	}
+	switch c.Virtiofsd.Cache {
+	case "none", "auto", "always":
+	default:
+		errs = append(errs, fmt.Errorf("virtiofsd.cache %q: want none, auto or always", c.Virtiofsd.Cache))
+	}
+	return errors.Join(errs...)
+}
+
+// BootTimeout is Guest.BootTimeoutSeconds as a duration.
+func (c *Config) BootTimeout() time.Duration {
+	return time.Duration(c.Guest.BootTimeoutSeconds) * time.Second
+}

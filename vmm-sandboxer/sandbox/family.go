@@ -1,0 +1,503 @@
+package sandbox
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/ttrpc"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
+	"github.com/kuasar-go/kuasar-go/shared/cgroup"
+	"github.com/kuasar-go/kuasar-go/shared/controller"
+	"github.com/kuasar-go/kuasar-go/shared/daemon"
+	"github.com/kuasar-go/kuasar-go/shared/store"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/agentclient"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor/qemu"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/podnet"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/transport"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/virtiofs"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/vmtask"
+)
+
+// taskAPIVersion 3 tells containerd to connect to the task address
+// directly instead of spawning a shim.
+const taskAPIVersion = 3
+
+// guestShareDir is where the guest mounts the pod's virtio-fs share.
+const guestShareDir = "/run/kuasar/shared"
+
+// shareTag is the virtio-fs tag of the pod's share.
+const shareTag = "kuasar"
+
+// state is what the family remembers of a pod (store.Sandbox.Family).
+type state struct {
+	// VMDir holds the VM's sockets and logs, the share and the pod's
+	// task socket.
+	VMDir     string `json:"vm_dir"`
+	CPUs      int    `json:"cpus"`
+	MemoryMiB int    `json:"memory_mib"`
+	Hostname  string `json:"hostname,omitempty"`
+	// PodCgroup holds the VMM and virtiofsd; OwnPodCgroup is set when the
+	// sandboxer made it.
+	PodCgroup    string `json:"pod_cgroup"`
+	OwnPodCgroup bool   `json:"own_pod_cgroup,omitempty"`
+	VMMPid       int    `json:"vmm_pid,omitempty"`
+}
+
+func (st *state) shareDir() string   { return filepath.Join(st.VMDir, "share") }
+func (st *state) taskSocket() string { return filepath.Join(st.VMDir, "task.sock") }
+
+// pod is a running pod's VM and what serves it.
+type pod struct {
+	vm      hypervisor.Hypervisor
+	fsd     *virtiofs.Daemon
+	dialer  transport.Dialer
+	agent   *agentclient.Client
+	tasks   *vmtask.Service
+	taskSrv *ttrpc.Server
+	exited  chan struct{} // closed once the VMM process has exited
+}
+
+// Family implements controller.Sandboxer for VM pods.
+type Family struct {
+	cfg    *Config
+	dir    string // --dir
+	events vmtask.Publisher
+	log    *zap.Logger
+
+	accelOnce sync.Once
+	accel     hypervisor.Accel
+	accelErr  error
+
+	mu   sync.Mutex
+	pods map[string]*pod
+}
+
+var _ controller.Sandboxer = (*Family)(nil)
+
+// New returns the family; dir is the daemon's state directory.
+func New(cfg *Config, dir string, events vmtask.Publisher, log *zap.Logger) *Family {
+	return &Family{cfg: cfg, dir: dir, events: events, log: log, pods: map[string]*pod{}}
+}
+
+func load(sb *store.Sandbox) (state, error) {
+	var st state
+	return st, sb.DecodeFamily(&st)
+}
+
+// vmDir is the VM's directory: named by a hash of the pod ID, so that the
+// unix sockets in it stay within the 107 bytes sockaddr_un allows.
+func (f *Family) vmDir(id string) string {
+	h := sha256.Sum256([]byte(id))
+	return filepath.Join(f.dir, "vm", hex.EncodeToString(h[:8]))
+}
+
+// size derives the VM's CPUs and memory from the pod's resources: the CPU
+// limit rounded up (capped by max_cpus), the memory limit plus the guest's
+// overhead; the configured defaults where the pod sets none.
+func (f *Family) size(cfg *runtimeapi.PodSandboxConfig) (cpus, memMiB int) {
+	g := f.cfg.Guest
+	cpus, memMiB = g.CPUs, g.MemoryMiB
+	res := cfg.GetLinux().GetResources()
+	if q, p := res.GetCpuQuota(), res.GetCpuPeriod(); q > 0 && p > 0 {
+		cpus = int((q + p - 1) / p)
+		cpus = min(max(cpus, 1), g.MaxCPUs)
+	}
+	if l := res.GetMemoryLimitInBytes(); l > 0 {
+		memMiB = max(int((l+(1<<20)-1)>>20)+g.MemoryOverheadMiB, minGuestMemoryMiB)
+	}
+	return cpus, memMiB
+}
+
+// Create checks the pod's config and decides its VM's size and cgroup.
+func (f *Family) Create(ctx context.Context, sb *store.Sandbox) error {
+	cfg, err := controller.PodConfig(sb)
+	if err != nil {
+		return err
+	}
+	ns := cfg.GetLinux().GetSecurityContext().GetNamespaceOptions()
+	if ns.GetNetwork() == runtimeapi.NamespaceMode_NODE {
+		return fmt.Errorf("a VM pod cannot share the node's network namespace: %w", errdefs.ErrInvalidArgument)
+	}
+	if ns.GetUsernsOptions() != nil && ns.GetUsernsOptions().GetMode() == runtimeapi.NamespaceMode_POD {
+		return fmt.Errorf("user namespaces per pod are not supported: %w", errdefs.ErrNotImplemented)
+	}
+	st := state{VMDir: f.vmDir(sb.ID), Hostname: cfg.GetHostname()}
+	st.CPUs, st.MemoryMiB = f.size(cfg)
+	if st.PodCgroup, st.OwnPodCgroup, err = cgroup.PodPath(cfg.GetLinux().GetCgroupParent(), sb.ID); err != nil {
+		return err
+	}
+	return sb.EncodeFamily(st)
+}
+
+// resolveAccel decides KVM or TCG once, with a probe boot when asked to.
+func (f *Family) resolveAccel(ctx context.Context) (hypervisor.Accel, error) {
+	f.accelOnce.Do(func() {
+		a, _ := hypervisor.ParseAccel(f.cfg.QEMU.Accel)
+		var reason string
+		f.accel, reason, f.accelErr = qemu.ResolveAccel(ctx, a, f.cfg.QEMU.Binary, f.cfg.Guest.Kernel, 0)
+		if f.accelErr == nil {
+			f.log.Info("accelerator", zap.String("accel", string(f.accel)), zap.String("reason", reason))
+		}
+	})
+	return f.accel, f.accelErr
+}
+
+// vmCgroup is where the VMM and virtiofsd run: a child of the pod cgroup,
+// as a container would be.
+func vmCgroup(st state, id string) string { return filepath.Join(st.PodCgroup, id) }
+
+// Start wires the pod's network into taps, starts virtiofsd and the VM,
+// waits for the agent, sets the guest up and serves the pod's task API.
+func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan controller.Exit, retErr error) {
+	st, err := load(sb)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range []string{f.cfg.Guest.Kernel, f.cfg.Guest.Initrd} {
+		if _, err := os.Stat(p); err != nil {
+			return nil, fmt.Errorf("guest image: %w (build it with `make guest`, install it with `make install SANDBOXER=vmm`): %w", err, errdefs.ErrFailedPrecondition)
+		}
+	}
+	accel, err := f.resolveAccel(ctx)
+	if err != nil {
+		return nil, err
+	}
+	p := &pod{exited: make(chan struct{})}
+	defer func() {
+		if retErr != nil {
+			f.release(context.Background(), sb, st, p)
+		}
+	}()
+	if err := os.MkdirAll(st.shareDir(), 0o700); err != nil {
+		return nil, err
+	}
+	if err := shareMount(st.shareDir()); err != nil {
+		return nil, err
+	}
+	cg, err := cgroup.New(vmCgroup(st, sb.ID))
+	if err != nil {
+		return nil, err
+	}
+
+	var nw *podnet.Network
+	if sb.NetnsPath != "" {
+		if nw, err = podnet.Setup(ctx, sb.NetnsPath); err != nil {
+			return nil, fmt.Errorf("pod network: %w", err)
+		}
+		defer nw.Close() // the VMM has its own copies of the taps once started
+	}
+
+	fsSock := filepath.Join(st.VMDir, "virtiofs.sock")
+	if p.fsd, err = virtiofs.Start(ctx, virtiofs.Config{
+		Binary: f.cfg.Virtiofsd.Binary, SocketPath: fsSock, SharedDir: st.shareDir(), Cache: f.cfg.Virtiofsd.Cache,
+	}, f.log.Named("virtiofsd")); err != nil {
+		return nil, err
+	}
+	if err := cg.Add(p.fsd.PID()); err != nil {
+		return nil, fmt.Errorf("place virtiofsd in the pod cgroup: %w", err)
+	}
+
+	agentSock := filepath.Join(st.VMDir, "agent.sock")
+	vmCfg := hypervisor.Config{
+		ID: sb.ID, Dir: st.VMDir, Binary: f.cfg.QEMU.Binary,
+		Kernel: f.cfg.Guest.Kernel, Initrd: f.cfg.Guest.Initrd,
+		Cmdline: strings.TrimSpace("console=ttyS0 quiet panic=-1 kuasar.port=kuasar.agent " + f.cfg.Guest.KernelParams),
+		CPUs:    st.CPUs, MemoryMiB: st.MemoryMiB, Accel: accel, SharedMemory: true,
+		Devices: []hypervisor.Device{
+			&hypervisor.Console{ID: "console"},
+			&hypervisor.RNG{ID: "rng"},
+			&hypervisor.SerialPort{ID: "agent", Name: "kuasar.agent", SocketPath: agentSock},
+			&hypervisor.VirtioFS{ID: "fs0", Tag: shareTag, SocketPath: fsSock},
+		},
+	}
+	if nw != nil {
+		for i, iface := range nw.Interfaces {
+			vmCfg.Devices = append(vmCfg.Devices, &hypervisor.TapNet{ID: fmt.Sprintf("net%d", i), Files: []*os.File{iface.Tap}, MAC: iface.MAC})
+		}
+	}
+	vm, err := qemu.New(vmCfg, f.log.Named("qemu").With(zap.String("sandbox", sb.ID)))
+	if err != nil {
+		return nil, fmt.Errorf("%v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	t0 := time.Now()
+	if err := vm.Start(ctx); err != nil {
+		return nil, err
+	}
+	p.vm = vm
+	go func() {
+		_, _ = vm.Wait(context.Background())
+		close(p.exited)
+	}()
+	if err := cg.Add(vm.PID()); err != nil {
+		return nil, fmt.Errorf("place the VMM in the pod cgroup: %w", err)
+	}
+	st.VMMPid = vm.PID()
+
+	p.dialer = transport.NewSerialDialer(agentSock)
+	if p.agent, err = f.waitAgent(ctx, p, vmCfg); err != nil {
+		return nil, err
+	}
+	bootTime := time.Since(t0)
+	if err := f.setupGuest(ctx, p.agent, st, sb, nw); err != nil {
+		return nil, fmt.Errorf("set the guest up: %w%s", err, consoleTail(vmCfg.ConsoleLog()))
+	}
+
+	share := agentclient.Share{HostDir: st.shareDir(), GuestDir: guestShareDir}
+	p.tasks = vmtask.New(sb.ID, p.agent, share, f.events, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
+	if p.taskSrv, err = ttrpc.NewServer(); err != nil {
+		return nil, err
+	}
+	p.tasks.Register(p.taskSrv)
+	l, err := daemon.ListenUnix(st.taskSocket())
+	if err != nil {
+		return nil, fmt.Errorf("task socket: %w", err)
+	}
+	go func() { _ = p.taskSrv.Serve(context.Background(), l) }()
+
+	if err := sb.EncodeFamily(st); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	f.pods[sb.ID] = p
+	f.mu.Unlock()
+	sb.Pid = uint32(vm.PID())
+	sb.Address = "ttrpc+unix://" + st.taskSocket()
+	sb.Version = taskAPIVersion
+	f.log.Info("pod VM running", zap.String("sandbox", sb.ID), zap.Int("vmm_pid", vm.PID()),
+		zap.String("accel", string(accel)), zap.Int("cpus", st.CPUs), zap.Int("memory_mib", st.MemoryMiB),
+		zap.Duration("boot_to_agent", bootTime))
+	return f.watch(sb.ID, p), nil
+}
+
+// watch delivers the pod's exit when its VMM process ends; the pod's
+// containers are then reported exited.
+func (f *Family) watch(id string, p *pod) <-chan controller.Exit {
+	out := make(chan controller.Exit, 1)
+	go func() {
+		st, _ := p.vm.Wait(context.Background())
+		p.tasks.Close()
+		code := st.Code
+		if code < 0 {
+			code = 128 + 9
+		}
+		f.log.Info("pod VM exited", zap.String("sandbox", id), zap.Stringer("status", st))
+		out <- controller.Exit{Status: uint32(code), ExitedAt: time.Now()}
+	}()
+	return out
+}
+
+// waitAgent dials the agent until it answers Ping, the VM dies or the boot
+// timeout passes; the error then carries the end of the guest's console.
+func (f *Family) waitAgent(ctx context.Context, p *pod, vmCfg hypervisor.Config) (*agentclient.Client, error) {
+	ctx, cancel := context.WithTimeout(ctx, f.cfg.BootTimeout())
+	defer cancel()
+	go func() {
+		select {
+		case <-p.exited:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	c, err := agentclient.Dial(ctx, p.dialer)
+	if err == nil {
+		if _, err = c.Ping(ctx, &vmmtask.PingRequest{}); err != nil {
+			c.Close()
+		}
+	}
+	if err == nil {
+		return c, nil
+	}
+	select {
+	case <-p.exited:
+		st, _ := p.vm.Wait(context.Background())
+		return nil, fmt.Errorf("the VM exited (%s) before its agent answered%s", st, consoleTail(vmCfg.ConsoleLog()))
+	default:
+	}
+	return nil, fmt.Errorf("the guest agent did not answer within %s (%v)%s", f.cfg.BootTimeout(), err, consoleTail(vmCfg.ConsoleLog()))
+}
+
+// consoleTail is the end of the guest console, for errors.
+func consoleTail(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) == 0 {
+		return "; the guest console is empty"
+	}
+	const n = 2048
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return "; end of the guest console:\n" + strings.TrimSpace(string(b))
+}
+
+// setupGuest gives the guest the pod's hostname, DNS, share and network.
+func (f *Family) setupGuest(ctx context.Context, agent *agentclient.Client, st state, sb *store.Sandbox, nw *podnet.Network) error {
+	cfg, err := controller.PodConfig(sb)
+	if err != nil {
+		return err
+	}
+	dns := cfg.GetDnsConfig()
+	if _, err := agent.SetupSandbox(ctx, &vmmtask.SetupSandboxRequest{
+		Hostname: st.Hostname, TimeUnixNs: time.Now().UnixNano(),
+		DnsServers: dns.GetServers(), DnsSearches: dns.GetSearches(), DnsOptions: dns.GetOptions(),
+		Mounts: []*vmmtask.MountRequest{{Source: shareTag, Target: guestShareDir, Type: "virtiofs"}},
+	}); err != nil {
+		return err
+	}
+	if nw == nil {
+		return nil
+	}
+	if _, err := agent.UpdateInterfaces(ctx, &vmmtask.UpdateInterfacesRequest{Interfaces: nw.ProtoInterfaces()}); err != nil {
+		return err
+	}
+	_, err = agent.UpdateRoutes(ctx, &vmmtask.UpdateRoutesRequest{Routes: nw.ProtoRoutes()})
+	return err
+}
+
+// shareMount makes dir a mount point of its own with shared propagation,
+// so that what the task service mounts below it later (containers' root
+// file systems) reaches virtiofsd's mount namespace, a slave of it.
+func shareMount(dir string) error {
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("share %s: %w", dir, err)
+	}
+	if err := unix.Mount("", dir, "", unix.MS_SHARED, ""); err != nil {
+		_ = unix.Unmount(dir, unix.MNT_DETACH)
+		return fmt.Errorf("share %s: make shared: %w", dir, err)
+	}
+	return nil
+}
+
+// Stop asks the guest to power off (when timeout > 0) and stops the VMM.
+func (f *Family) Stop(ctx context.Context, sb *store.Sandbox, timeout time.Duration) error {
+	f.mu.Lock()
+	p := f.pods[sb.ID]
+	f.mu.Unlock()
+	if p == nil || p.vm == nil {
+		return nil
+	}
+	if timeout > 0 && p.agent != nil {
+		sctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		if _, err := p.agent.Shutdown(sctx, &vmmtask.ShutdownRequest{}); err == nil {
+			select {
+			case <-p.exited:
+				return nil
+			case <-sctx.Done():
+			}
+		}
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return p.vm.Stop(sctx)
+}
+
+// Shutdown releases everything the pod holds.
+func (f *Family) Shutdown(ctx context.Context, sb *store.Sandbox) error {
+	st, err := load(sb)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	p := f.pods[sb.ID]
+	delete(f.pods, sb.ID)
+	f.mu.Unlock()
+	if p == nil {
+		p = &pod{}
+	}
+	return f.release(ctx, sb, st, p)
+}
+
+// release stops and removes what Start made, whatever part of it exists:
+// the task server, the VM, virtiofsd, the taps, the share and the VM's
+// directory, the cgroups. It is idempotent.
+func (f *Family) release(ctx context.Context, sb *store.Sandbox, st state, p *pod) error {
+	var errs []error
+	if p.taskSrv != nil {
+		p.taskSrv.Close()
+	}
+	if p.tasks != nil {
+		p.tasks.Close()
+	}
+	if p.agent != nil {
+		p.agent.Close()
+	}
+	if p.dialer != nil {
+		p.dialer.Close()
+	}
+	if p.vm != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		errs = append(errs, p.vm.Stop(sctx))
+		cancel()
+	} else if st.VMMPid > 0 && vmmOf(st) {
+		// A VM of an earlier daemon instance.
+		_ = unix.Kill(st.VMMPid, unix.SIGKILL)
+	}
+	if p.fsd != nil {
+		errs = append(errs, p.fsd.Stop(ctx))
+	}
+	if sb.NetnsPath != "" {
+		errs = append(errs, podnet.Teardown(ctx, sb.NetnsPath))
+	}
+	if st.VMDir != "" {
+		errs = append(errs, unmountAll(st.shareDir()))
+		if err := os.RemoveAll(st.VMDir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if st.PodCgroup != "" {
+		errs = append(errs, cgroup.Remove(vmCgroup(st, sb.ID)))
+		if st.OwnPodCgroup {
+			errs = append(errs, cgroup.Remove(st.PodCgroup))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// vmmOf tells whether st.VMMPid still is this pod's VMM (its command line
+// names the VM's directory) and not a process that reused the PID.
+func vmmOf(st state) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", st.VMMPid))
+	return err == nil && strings.Contains(string(b), st.VMDir)
+}
+
+// unmountAll lazily unmounts dir and everything below it.
+func unmountAll(dir string) error {
+	for {
+		err := unix.Unmount(dir, unix.MNT_DETACH)
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			return nil // not (or no longer) a mount point
+		}
+		if err != nil {
+			return fmt.Errorf("unmount %s: %w", dir, err)
+		}
+	}
+}
+
+// Metrics reports the VM's cgroup statistics: the VMM (and so the guest's
+// memory and CPU) and virtiofsd.
+func (f *Family) Metrics(ctx context.Context, sb *store.Sandbox) (*types.Metric, error) {
+	st, err := load(sb)
+	if err != nil {
+		return nil, err
+	}
+	cg, err := cgroup.Load(vmCgroup(st, sb.ID))
+	if err != nil {
+		return nil, err
+	}
+	return cg.Metric(sb.ID)
+}
