@@ -344,7 +344,10 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 	cmd := exec.Command(rt.self)
 	// What ps shows: the container, and the module.
 	cmd.Args = []string{"kuasar-wasm", c.id, guest}
-	cmd.Env = []string{runner.EnvMode + "=" + runner.ModeRun}
+	// One Go P from the start (see runner's maxProcs), and one worker
+	// thread for the tokio runtime of wasmtime's WASI (else one per CPU of
+	// the host, each with its stack and malloc arena, in every container).
+	cmd.Env = []string{runner.EnvMode + "=" + runner.ModeRun, "GOMAXPROCS=1", "TOKIO_WORKER_THREADS=1"}
 	cmd.Dir = "/"
 	cmd.ExtraFiles = []*os.File{ctlR, stW} // runner.ControlFD, runner.StatusFD
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: newNS}
