@@ -40,7 +40,9 @@ func vmmConfig(kernel, initrd, kernelParams string) string {
 // a container whose output shows the guest's kernel (not the host's), its
 // pod IP on the guest's eth0 and reachable from the host, the host's
 // bridge reachable from it, ExecSync, a second container in the same VM, a
-// container the guest refuses, exit codes, stop and removal; then no QEMU,
+// container the guest refuses, exit codes, the VM sized by the pod's
+// limits, stop and removal, a VM killed from outside reported exited with
+// its container; then no QEMU,
 // virtiofsd, tap, mount or file is left. Beside it, pods of two broken
 // configurations fail with the cause: a missing guest image, and a guest
 // that panics at boot (the console's end is in the error).
@@ -82,6 +84,9 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 	t0 := time.Now()
 	podCfg := env.PodConfig()
 	podCfg.Hostname = "kuasar-vm-pod"
+	// The pod's limits size the VM: 2 CPUs, 256 MiB plus the guest's 128.
+	podCfg.Linux = &runtime.LinuxPodSandboxConfig{Resources: &runtime.LinuxContainerResources{
+		CpuQuota: 150000, CpuPeriod: 100000, MemoryLimitInBytes: 256 << 20}}
 	podID := env.RunPod(t, handler, podCfg)
 	tPod := time.Since(t0)
 
@@ -116,6 +121,12 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 	defer icmp.Close()
 	if err := icmpPing(icmp, podIP, 20*time.Second); err != nil {
 		t.Errorf("ping the pod %s from the host: %v", podIP, err)
+	}
+
+	out, _, _ := env.ExecSync(t, mainID, 30*time.Second, "sh", "-c", "nproc; sed -n 's/MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo")
+	var cpus, memKiB int
+	if _, err := fmt.Sscan(out, &cpus, &memKiB); err != nil || cpus != 2 || memKiB < 300<<10 || memKiB > 384<<10 {
+		t.Errorf("the VM has %d CPUs and %d KiB (%q); want 2 and about 384 MiB from the pod's limits", cpus, memKiB, out)
 	}
 
 	out, _, code := env.ExecSync(t, mainID, 30*time.Second, "sh", "-c", "echo exec-ok; exit 3")
@@ -160,6 +171,41 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 	tStop := time.Now()
 	env.StopRemovePod(t, podID)
 	tRemove := time.Since(tStop)
+
+	t.Run("VMKilledFromOutside", func(t *testing.T) {
+		podCfg := env.PodConfig()
+		podID := env.RunPod(t, handler, podCfg)
+		ctrID := env.CreateStartContainer(t, podID, podCfg, testenv.ContainerConfig("sleeper", "sleep", "3600"))
+		killed := 0
+		for _, pid := range processesMentioning(filepath.Join(env.SandboxerDirs[handler], "vm") + "/") {
+			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.HasPrefix(string(comm), "qemu") {
+				if err := unix.Kill(pid, unix.SIGKILL); err == nil {
+					killed++
+				}
+			}
+		}
+		if killed != 1 {
+			t.Fatalf("killed %d QEMU processes, want the pod's one", killed)
+		}
+		if code := env.WaitContainerExited(t, ctrID, 60*time.Second); code == 0 {
+			t.Errorf("the container of a killed VM exited with 0")
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			st, err := env.Runtime.PodSandboxStatus(ctx, &runtime.PodSandboxStatusRequest{PodSandboxId: podID})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.Status.State == runtime.PodSandboxState_SANDBOX_NOTREADY {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the pod of a killed VM is still %v", st.Status.State)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		env.StopRemovePod(t, podID)
+	})
 	env.AssertNoLeaks(t, before, 30*time.Second)
 	if pids := processesMentioning(filepath.Join(env.SandboxerDirs[handler], "vm") + "/"); len(pids) > 0 {
 		t.Errorf("processes of the pod's VM left behind: %v", pids)

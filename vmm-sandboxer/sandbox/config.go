@@ -13,23 +13,31 @@ import (
 
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor/cloudhypervisor"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor/qemu"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor/stratovirt"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/virtiofs"
 )
 
 // Hypervisor names for Config.Hypervisor.
 const (
-	HypervisorQEMU = "qemu"
+	HypervisorQEMU            = "qemu"
+	HypervisorCloudHypervisor = "cloud-hypervisor"
+	HypervisorStratoVirt      = "stratovirt"
 )
 
 // Config is vmm-sandboxer's configuration file.
 type Config struct {
 	daemon.CommonConfig
-	// Hypervisor is the VMM every pod runs under: "qemu".
-	Hypervisor string          `toml:"hypervisor"`
-	Guest      GuestConfig     `toml:"guest"`
-	QEMU       QEMUConfig      `toml:"qemu"`
-	Virtiofsd  VirtiofsdConfig `toml:"virtiofsd"`
+	// Hypervisor is the VMM every pod runs under: "qemu",
+	// "cloud-hypervisor" or "stratovirt". Its section sets its binary and
+	// the size of a VM whose pod sets no limits.
+	Hypervisor      string                 `toml:"hypervisor"`
+	Guest           GuestConfig            `toml:"guest"`
+	QEMU            QEMUConfig             `toml:"qemu"`
+	CloudHypervisor cloudhypervisor.Config `toml:"cloud_hypervisor"`
+	StratoVirt      stratovirt.Config      `toml:"stratovirt"`
+	Virtiofsd       VirtiofsdConfig        `toml:"virtiofsd"`
 }
 
 // GuestConfig is the guest image and the default size of a pod's VM.
@@ -40,9 +48,6 @@ type GuestConfig struct {
 	Initrd string `toml:"initrd"`
 	// KernelParams are added to the guest kernel's command line.
 	KernelParams string `toml:"kernel_params"`
-	// CPUs and MemoryMiB size a VM whose pod sets no CPU or memory limit.
-	CPUs      int `toml:"cpus"`
-	MemoryMiB int `toml:"memory_mib"`
 	// MemoryOverheadMiB is added to a pod's memory limit for the guest's
 	// own kernel and agent.
 	MemoryOverheadMiB int `toml:"memory_overhead_mib"`
@@ -60,6 +65,9 @@ type QEMUConfig struct {
 	// Accel is "auto" (KVM when a probe boot under it works, else TCG),
 	// "kvm" or "tcg".
 	Accel string `toml:"accel"`
+	// CPUs and MemoryMiB size a VM whose pod sets no CPU or memory limit.
+	CPUs      int `toml:"cpus"`
+	MemoryMiB int `toml:"memory_mib"`
 }
 
 // VirtiofsdConfig configures the virtio-fs daemon of each pod.
@@ -86,19 +94,22 @@ func DefaultConfig() *Config {
 		Hypervisor:   HypervisorQEMU,
 		Guest: GuestConfig{
 			Kernel: DefaultKernel, Initrd: DefaultInitrd,
-			CPUs: 1, MemoryMiB: 256, MemoryOverheadMiB: 128, MaxCPUs: 8,
-			BootTimeoutSeconds: 120,
+			MemoryOverheadMiB: 128, MaxCPUs: 8, BootTimeoutSeconds: 120,
 		},
-		QEMU:      QEMUConfig{Binary: qemu.DefaultBinary, Accel: string(hypervisor.AccelAuto)},
-		Virtiofsd: VirtiofsdConfig{Binary: virtiofs.DefaultBinary, Cache: "none"},
+		QEMU:            QEMUConfig{Binary: qemu.DefaultBinary, Accel: string(hypervisor.AccelAuto), CPUs: 1, MemoryMiB: 256},
+		CloudHypervisor: cloudhypervisor.DefaultConfig(),
+		StratoVirt:      stratovirt.DefaultConfig(),
+		Virtiofsd:       VirtiofsdConfig{Binary: virtiofs.DefaultBinary, Cache: "none"},
 	}
 }
 
 // Validate reports impossible values, naming the key.
 func (c *Config) Validate() error {
 	var errs []error
-	if c.Hypervisor != HypervisorQEMU {
-		errs = append(errs, fmt.Errorf("hypervisor %q: want %q", c.Hypervisor, HypervisorQEMU))
+	switch c.Hypervisor {
+	case HypervisorQEMU, HypervisorCloudHypervisor, HypervisorStratoVirt:
+	default:
+		errs = append(errs, fmt.Errorf("hypervisor %q: want %q, %q or %q", c.Hypervisor, HypervisorQEMU, HypervisorCloudHypervisor, HypervisorStratoVirt))
 	}
 	g := c.Guest
 	for key, p := range map[string]string{"guest.kernel": g.Kernel, "guest.initrd": g.Initrd, "virtiofsd.binary": c.Virtiofsd.Binary} {
@@ -106,14 +117,14 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%s %q must be an absolute path", key, p))
 		}
 	}
-	if g.CPUs < 1 {
-		errs = append(errs, fmt.Errorf("guest.cpus %d: want at least 1", g.CPUs))
+	if g.MaxCPUs < 1 {
+		errs = append(errs, fmt.Errorf("guest.max_cpus %d: want at least 1", g.MaxCPUs))
 	}
-	if g.MaxCPUs < g.CPUs {
-		errs = append(errs, fmt.Errorf("guest.max_cpus %d: want at least guest.cpus (%d)", g.MaxCPUs, g.CPUs))
+	if c.QEMU.CPUs < 1 {
+		errs = append(errs, fmt.Errorf("qemu.cpus %d: want at least 1", c.QEMU.CPUs))
 	}
-	if g.MemoryMiB < minGuestMemoryMiB {
-		errs = append(errs, fmt.Errorf("guest.memory_mib %d: want at least %d", g.MemoryMiB, minGuestMemoryMiB))
+	if c.QEMU.MemoryMiB < minGuestMemoryMiB {
+		errs = append(errs, fmt.Errorf("qemu.memory_mib %d: want at least %d", c.QEMU.MemoryMiB, minGuestMemoryMiB))
 	}
 	if g.MemoryOverheadMiB < 0 {
 		errs = append(errs, fmt.Errorf("guest.memory_overhead_mib %d: must not be negative", g.MemoryOverheadMiB))
@@ -127,6 +138,7 @@ func (c *Config) Validate() error {
 	if _, err := hypervisor.ParseAccel(c.QEMU.Accel); err != nil {
 		errs = append(errs, fmt.Errorf("qemu.accel: %w", err))
 	}
+	errs = append(errs, c.CloudHypervisor.Validate(), c.StratoVirt.Validate())
 	switch c.Virtiofsd.Cache {
 	case "none", "auto", "always":
 	default:

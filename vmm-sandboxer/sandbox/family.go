@@ -111,7 +111,7 @@ func (f *Family) vmDir(id string) string {
 // overhead; the configured defaults where the pod sets none.
 func (f *Family) size(cfg *runtimeapi.PodSandboxConfig) (cpus, memMiB int) {
 	g := f.cfg.Guest
-	cpus, memMiB = g.CPUs, g.MemoryMiB
+	cpus, memMiB = f.cfg.defaultSize()
 	res := cfg.GetLinux().GetResources()
 	if q, p := res.GetCpuQuota(), res.GetCpuPeriod(); q > 0 && p > 0 {
 		cpus = int((q + p - 1) / p)
@@ -173,10 +173,6 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 			return nil, fmt.Errorf("guest image: %w (build it with `make guest`, install it with `make install SANDBOXER=vmm`): %w", err, errdefs.ErrFailedPrecondition)
 		}
 	}
-	accel, err := f.resolveAccel(ctx)
-	if err != nil {
-		return nil, err
-	}
 	p := &pod{exited: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
@@ -214,14 +210,13 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 
 	agentSock := filepath.Join(st.VMDir, "agent.sock")
 	vmCfg := hypervisor.Config{
-		ID: sb.ID, Dir: st.VMDir, Binary: f.cfg.QEMU.Binary,
-		Kernel: f.cfg.Guest.Kernel, Initrd: f.cfg.Guest.Initrd,
-		Cmdline: strings.TrimSpace("console=ttyS0 quiet panic=-1 kuasar.port=kuasar.agent " + f.cfg.Guest.KernelParams),
-		CPUs:    st.CPUs, MemoryMiB: st.MemoryMiB, Accel: accel, SharedMemory: true,
+		ID: sb.ID, Dir: st.VMDir, Kernel: f.cfg.Guest.Kernel, Initrd: f.cfg.Guest.Initrd,
+		Cmdline: strings.TrimSpace("console=ttyS0 quiet panic=-1 kuasar.port=" + agentPortName + " " + f.cfg.Guest.KernelParams),
+		CPUs:    st.CPUs, MemoryMiB: st.MemoryMiB, SharedMemory: true,
 		Devices: []hypervisor.Device{
 			&hypervisor.Console{ID: "console"},
 			&hypervisor.RNG{ID: "rng"},
-			&hypervisor.SerialPort{ID: "agent", Name: "kuasar.agent", SocketPath: agentSock},
+			f.agentDevice(sb.ID, agentSock),
 			&hypervisor.VirtioFS{ID: "fs0", Tag: shareTag, SocketPath: fsSock},
 		},
 	}
@@ -230,10 +225,11 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 			vmCfg.Devices = append(vmCfg.Devices, &hypervisor.TapNet{ID: fmt.Sprintf("net%d", i), Files: []*os.File{iface.Tap}, MAC: iface.MAC})
 		}
 	}
-	vm, err := qemu.New(vmCfg, f.log.Named("qemu").With(zap.String("sandbox", sb.ID)))
+	vm, dialer, err := f.newVM(ctx, vmCfg, f.log.Named(f.cfg.Hypervisor).With(zap.String("sandbox", sb.ID)))
 	if err != nil {
-		return nil, fmt.Errorf("%v: %w", err, errdefs.ErrInvalidArgument)
+		return nil, err
 	}
+	p.dialer = dialer
 	t0 := time.Now()
 	if err := vm.Start(ctx); err != nil {
 		return nil, err
@@ -248,7 +244,6 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 	}
 	st.VMMPid = vm.PID()
 
-	p.dialer = transport.NewSerialDialer(agentSock)
 	if p.agent, err = f.waitAgent(ctx, p, vmCfg); err != nil {
 		return nil, err
 	}
@@ -279,7 +274,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 	sb.Address = "ttrpc+unix://" + st.taskSocket()
 	sb.Version = taskAPIVersion
 	f.log.Info("pod VM running", zap.String("sandbox", sb.ID), zap.Int("vmm_pid", vm.PID()),
-		zap.String("accel", string(accel)), zap.Int("cpus", st.CPUs), zap.Int("memory_mib", st.MemoryMiB),
+		zap.String("hypervisor", f.cfg.Hypervisor), zap.Int("cpus", st.CPUs), zap.Int("memory_mib", st.MemoryMiB),
 		zap.Duration("boot_to_agent", bootTime))
 	return f.watch(sb.ID, p), nil
 }
