@@ -141,6 +141,13 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 		t.Errorf("peer container: %q; want the pod's hostname and IP %s", out, podIP)
 	}
 
+	// Container stats come from the guest's cgroups.
+	if stats, err := env.Runtime.ContainerStats(t.Context(), &runtime.ContainerStatsRequest{ContainerId: peerID}); err != nil {
+		t.Errorf("ContainerStats: %v", err)
+	} else if stats.GetStats().GetMemory().GetWorkingSetBytes().GetValue() == 0 {
+		t.Errorf("container stats show no memory: %+v", stats.GetStats())
+	}
+
 	// A container the guest cannot run fails with the guest's reason; the
 	// pod goes on.
 	bad := testenv.ContainerConfig("bad", "/no/such/binary")
