@@ -10,9 +10,11 @@
 #   deploy/systemd/NAME-sandboxer.service -> DESTDIR/etc/systemd/system/              (0644)
 #   deploy/config/NAME-sandboxer.toml     -> DESTDIR/etc/kuasar-go/  never overwritten (0644)
 #   deploy/containerd/NAME-sandboxer.toml -> DESTDIR/etc/containerd/conf.d/            (0644)
+#   _output/guest/{vmlinuz,initramfs.img} (vmm: the pods' guest image, built by
+#                                 `make guest`) -> DESTDIR/usr/share/kuasar-go/vmm/ (0644)
 # and tells how to make containerd import the drop-in when its config does not.
 # Running it twice changes nothing more; --uninstall removes what it installed
-# except the configuration file. "all" means every sandboxer that has a unit
+# (the guest image included) except the configuration file. "all" means every sandboxer that has a unit
 # file under deploy/.
 set -euo pipefail
 
@@ -22,9 +24,11 @@ usage: $0 [--prefix DIR] [--destdir DIR] [--output DIR] [--dry-run] [--uninstall
   SANDBOXER     runc, wasm, vmm, quark or all
   --prefix DIR  installation prefix of the binary (default /usr/local; the unit's ExecStart follows it)
   --destdir DIR stage everything under DIR instead of / (packaging, tests)
-  --output DIR  build output holding bin/NAME-sandboxer (default <repo>/_output, as make build)
+  --output DIR  build output holding bin/NAME-sandboxer and, for vmm, guest/{vmlinuz,initramfs.img}
+                (default <repo>/_output, as make build and make guest)
   --dry-run     print what would be done, change nothing
-  --uninstall   remove the binary, the unit and the containerd drop-in (keeps the config)
+  --uninstall   remove the binary, the unit, the containerd drop-in and vmm's guest image
+                (keeps the config)
 EOF
 }
 
@@ -91,6 +95,11 @@ uses_holder() {
 }
 # wasm-sandboxer's module processes run kuasar-wasm-runner, found beside it.
 WASM_RUNNER=kuasar-wasm-runner
+# vmm-sandboxer's pods boot this guest image, where its config's defaults
+# ([guest] kernel, initrd) look for it: a fixed path, whatever the prefix.
+src_guest() { echo "$OUTPUT/guest"; }
+GUEST_DIR=/usr/share/kuasar-go/vmm
+GUEST_FILES=(vmlinuz initramfs.img)
 
 # Resolve the names: "all" expands to every sandboxer with a unit under deploy/
 # (for --uninstall, to every known one); duplicates are dropped.
@@ -170,6 +179,19 @@ remove() {
 	echo "removed    $dest"
 }
 
+# remove_empty_dir DIR: delete a directory the installer made, if it is
+# there and empty.
+remove_empty_dir() {
+	local dir=$1
+	[ -d "$dir" ] && [ -z "$(ls -A "$dir")" ] || return 0
+	if [ "$DRY_RUN" = 1 ]; then
+		echo "would remove $dir/"
+		return 0
+	fi
+	rmdir "$dir"
+	echo "removed    $dir/"
+}
+
 # systemd is only driven for a real install on a host booted with it.
 live_systemd() {
 	[ -z "$DESTDIR" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1
@@ -179,9 +201,14 @@ TMPDIR_INSTALL=$(mktemp -d)
 trap 'rm -rf "$TMPDIR_INSTALL"' EXIT
 
 do_install() {
-	local name missing=() f
+	local name missing=() missing_guest=() f
 	# Check every source first so that nothing is half installed.
 	for name in "${SELECTED[@]}"; do
+		if [ "$name" = vmm ]; then
+			for f in "${GUEST_FILES[@]}"; do
+				[ -f "$(src_guest)/$f" ] || missing_guest+=("$(src_guest)/$f")
+			done
+		fi
 		for f in "$(src_bin "$name")" "$(src_unit "$name")" "$(src_config "$name")" "$(src_dropin "$name")"; do
 			[ -f "$f" ] || missing+=("$f")
 		done
@@ -192,10 +219,15 @@ do_install() {
 			missing+=("$OUTPUT/bin/$WASM_RUNNER")
 		fi
 	done
+	for f in "${missing[@]+"${missing[@]}"}" "${missing_guest[@]+"${missing_guest[@]}"}"; do
+		echo "install.sh: missing $f" >&2
+	done
+	if [ ${#missing_guest[@]} -gt 0 ]; then
+		local also=""
+		[ ${#missing[@]} -eq 0 ] || also=", and 'make build' for binaries under $OUTPUT/bin"
+		die "vmm's guest image is missing: run 'make guest' to build it into $(src_guest)$also"
+	fi
 	if [ ${#missing[@]} -gt 0 ]; then
-		for f in "${missing[@]}"; do
-			echo "install.sh: missing $f" >&2
-		done
 		die "missing files (run 'make build' for binaries under $OUTPUT/bin)"
 	fi
 
@@ -210,6 +242,11 @@ do_install() {
 		fi
 		if [ "$name" = wasm ]; then
 			put "$OUTPUT/bin/$WASM_RUNNER" "$DESTDIR$BINDIR/$WASM_RUNNER" 755
+		fi
+		if [ "$name" = vmm ]; then
+			for f in "${GUEST_FILES[@]}"; do
+				put "$(src_guest)/$f" "$DESTDIR$GUEST_DIR/$f" 644
+			done
 		fi
 		put "$unit" "$DESTDIR$UNITDIR/$name-sandboxer.service" 644 \
 			"$(src_unit "$name") (ExecStart in $BINDIR)"
@@ -247,6 +284,12 @@ do_install() {
 	for name in "${SELECTED[@]}"; do
 		echo "  systemctl enable --now $name-sandboxer"
 	done
+	# vmm pods need QEMU and virtiofsd on the node (the config's defaults).
+	if [ -z "$DESTDIR" ] && [[ " ${SELECTED[*]} " == *" vmm "* ]]; then
+		if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || [ ! -x /usr/lib/qemu/virtiofsd ]; then
+			echo "  apt-get install qemu-system-x86 virtiofsd   # vmm pods need qemu-system-x86_64 and /usr/lib/qemu/virtiofsd"
+		fi
+	fi
 }
 
 do_uninstall() {
@@ -261,6 +304,14 @@ do_uninstall() {
 		remove "$DESTDIR$BINDIR/$name-sandboxer"
 		if [ "$name" = wasm ]; then
 			remove "$DESTDIR$BINDIR/$WASM_RUNNER"
+		fi
+		if [ "$name" = vmm ]; then
+			for f in "${GUEST_FILES[@]}"; do
+				remove "$DESTDIR$GUEST_DIR/$f"
+			done
+			# The directories go too when nothing else is in them.
+			remove_empty_dir "$DESTDIR$GUEST_DIR"
+			remove_empty_dir "$DESTDIR$(dirname "$GUEST_DIR")"
 		fi
 		if [ -e "$DESTDIR$CONFDIR/$name-sandboxer.toml" ]; then
 			echo "kept       $DESTDIR$CONFDIR/$name-sandboxer.toml (delete it by hand if no longer wanted)"

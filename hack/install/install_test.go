@@ -21,7 +21,7 @@ const (
 
 // sandboxers are those with deployment files; the handler and proxy plugin
 // names are kuasar-<family>.
-var sandboxers = []string{"runc", "wasm", "quark"}
+var sandboxers = []string{"runc", "wasm", "vmm", "quark"}
 
 // usesHolder: the families whose installation brings kuasar-holder.
 var usesHolder = map[string]bool{"runc": true, "wasm": true, "quark": true}
@@ -29,6 +29,79 @@ var usesHolder = map[string]bool{"runc": true, "wasm": true, "quark": true}
 // helpers: the binaries each family's installation brings beside its
 // sandboxer, besides the holder (wasm: its module processes' runner).
 var helpers = map[string][]string{"wasm": {"kuasar-wasm-runner"}}
+
+// guestDir is where vmm's guest image is installed (the defaults of its
+// config's [guest] kernel and initrd), whatever the prefix.
+const guestDir = "usr/share/kuasar-go/vmm"
+
+// guestFiles: the guest image each family's installation brings from
+// <output>/guest (built by make guest).
+var guestFiles = map[string][]string{"vmm": {"vmlinuz", "initramfs.img"}}
+
+// fakeOutput fills output with what make build (and make guest) would
+// have put there for families: executables, and guest image files with
+// recognisable contents.
+func fakeOutput(t *testing.T, output string, families ...string) {
+	t.Helper()
+	for _, family := range families {
+		copyExecutable(t, filepath.Join(output, "bin", family+"-sandboxer"))
+		if usesHolder[family] {
+			copyExecutable(t, filepath.Join(output, "bin", "kuasar-holder"))
+		}
+		for _, h := range helpers[family] {
+			copyExecutable(t, filepath.Join(output, "bin", h))
+		}
+		for _, g := range guestFiles[family] {
+			writeGuestFile(t, filepath.Join(output, "guest", g))
+		}
+	}
+}
+
+func writeGuestFile(t *testing.T, path string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// make guest's files are 0644 or 0600; the installer sets 0644 anyway.
+	if err := os.WriteFile(path, []byte("fake "+filepath.Base(path)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// installedFiles are the files installing family under --prefix /opt/kg
+// puts into DESTDIR, with their modes.
+func installedFiles(family string) map[string]os.FileMode {
+	name := family + "-sandboxer"
+	files := map[string]os.FileMode{
+		"opt/kg/bin/" + name:                      0o755,
+		"etc/systemd/system/" + name + ".service": 0o644,
+		"etc/kuasar-go/" + name + ".toml":         0o644,
+		"etc/containerd/conf.d/" + name + ".toml": 0o644,
+	}
+	if usesHolder[family] {
+		files["opt/kg/bin/kuasar-holder"] = 0o755
+	}
+	for _, h := range helpers[family] {
+		files["opt/kg/bin/"+h] = 0o755
+	}
+	for _, g := range guestFiles[family] {
+		files[guestDir+"/"+g] = 0o644
+	}
+	return files
+}
+
+// checkInstalled checks that files are in dest with their modes.
+func checkInstalled(t *testing.T, dest string, files map[string]os.FileMode) {
+	t.Helper()
+	for f, mode := range files {
+		fi, err := os.Stat(filepath.Join(dest, f))
+		if err != nil {
+			t.Errorf("not installed: %v", err)
+		} else if fi.Mode() != mode {
+			t.Errorf("%s: mode %v, want %v", f, fi.Mode(), mode)
+		}
+	}
+}
 
 func readFile(t *testing.T, path string) []byte {
 	t.Helper()
@@ -150,8 +223,8 @@ func TestContainerdDropIns(t *testing.T) {
 			if !ok {
 				t.Fatalf("no runtime handler %s; have %v", handler, cfg.Plugins.CRIRuntime.Containerd.Runtimes)
 			}
-			if rt.Sandboxer != handler || rt.RuntimeType == "" {
-				t.Errorf("runtime handler %s = %+v: sandboxer must name the proxy plugin, runtime_type must be set", handler, rt)
+			if rt.Sandboxer != handler || rt.RuntimeType != "io.containerd."+handler+".v1" {
+				t.Errorf("runtime handler %s = %+v: sandboxer must name the proxy plugin, runtime_type must be io.containerd.%s.v1", handler, rt, handler)
 			}
 			if rt.IOType != "" && rt.IOType != "fifo" && rt.IOType != "streaming" {
 				t.Errorf("io_type = %q, want fifo or streaming", rt.IOType)
@@ -174,27 +247,10 @@ func TestInstallScript(t *testing.T) {
 		t.Run(family, func(t *testing.T) {
 			name := family + "-sandboxer"
 			output := t.TempDir()
-			copyExecutable(t, filepath.Join(output, "bin", name))
-			if usesHolder[family] {
-				copyExecutable(t, filepath.Join(output, "bin", "kuasar-holder"))
-			}
-			for _, h := range helpers[family] {
-				copyExecutable(t, filepath.Join(output, "bin", h))
-			}
+			fakeOutput(t, output, family)
 			dest := t.TempDir()
 			common := []string{"--destdir", dest, "--output", output, "--prefix", "/opt/kg"}
-			files := map[string]os.FileMode{
-				"opt/kg/bin/" + name:                      0o755,
-				"etc/systemd/system/" + name + ".service": 0o644,
-				"etc/kuasar-go/" + name + ".toml":         0o644,
-				"etc/containerd/conf.d/" + name + ".toml": 0o644,
-			}
-			if usesHolder[family] {
-				files["opt/kg/bin/kuasar-holder"] = 0o755
-			}
-			for _, h := range helpers[family] {
-				files["opt/kg/bin/"+h] = 0o755
-			}
+			files := installedFiles(family)
 			config := "etc/kuasar-go/" + name + ".toml"
 
 			// --dry-run writes nothing.
@@ -206,12 +262,10 @@ func TestInstallScript(t *testing.T) {
 			if !strings.Contains(out, `imports = ["/etc/containerd/conf.d/*.toml"]`) {
 				t.Errorf("no hint about containerd's imports line:\n%s", out)
 			}
-			for f, mode := range files {
-				fi, err := os.Stat(filepath.Join(dest, f))
-				if err != nil {
-					t.Errorf("not installed: %v", err)
-				} else if fi.Mode() != mode {
-					t.Errorf("%s: mode %v, want %v", f, fi.Mode(), mode)
+			checkInstalled(t, dest, files)
+			for _, g := range guestFiles[family] {
+				if got, want := readFile(t, filepath.Join(dest, guestDir, g)), readFile(t, filepath.Join(output, "guest", g)); !bytes.Equal(got, want) {
+					t.Errorf("installed %s differs from the build output's", g)
 				}
 			}
 			unit := readFile(t, filepath.Join(dest, "etc/systemd/system", name+".service"))
@@ -238,25 +292,42 @@ func TestInstallScript(t *testing.T) {
 				t.Errorf("config overwritten: %q", got)
 			}
 
-			// Errors: unknown name, missing binary, missing helper.
+			// Errors: unknown name, missing binary, missing helper, missing
+			// guest image file (the error names make guest); each installs
+			// nothing.
 			bad := [][]string{
 				append(common, "nosuch"),
-				{"--destdir", dest, "--output", t.TempDir(), family},
+				{"--destdir", t.TempDir(), "--output", t.TempDir(), family},
 			}
 			for _, h := range helpers[family] {
 				partial := t.TempDir()
-				copyExecutable(t, filepath.Join(partial, "bin", name))
-				copyExecutable(t, filepath.Join(partial, "bin", "kuasar-holder"))
-				for _, other := range helpers[family] {
-					if other != h {
-						copyExecutable(t, filepath.Join(partial, "bin", other))
-					}
+				fakeOutput(t, partial, family)
+				if err := os.Remove(filepath.Join(partial, "bin", h)); err != nil {
+					t.Fatal(err)
 				}
 				bad = append(bad, []string{"--destdir", t.TempDir(), "--output", partial, family})
+			}
+			for _, g := range guestFiles[family] {
+				partial := t.TempDir()
+				fakeOutput(t, partial, family)
+				if err := os.Remove(filepath.Join(partial, "guest", g)); err != nil {
+					t.Fatal(err)
+				}
+				args := []string{"--destdir", t.TempDir(), "--output", partial, family}
+				out, err := exec.Command("bash", append([]string{installScript}, args...)...).CombinedOutput()
+				if err == nil || !strings.Contains(string(out), "make guest") || !strings.Contains(string(out), g) {
+					t.Errorf("install.sh %v without guest/%s: %v, want an error naming it and make guest:\n%s", args, g, err, out)
+				}
+				bad = append(bad, args)
 			}
 			for _, args := range bad {
 				if out, err := exec.Command("bash", append([]string{installScript}, args...)...).CombinedOutput(); err == nil {
 					t.Errorf("install.sh %v succeeded:\n%s", args, out)
+				}
+				if d := args[1]; d != dest {
+					if entries, _ := os.ReadDir(d); len(entries) != 0 {
+						t.Errorf("failed install.sh %v wrote %v", args, entries)
+					}
 				}
 			}
 
@@ -267,6 +338,88 @@ func TestInstallScript(t *testing.T) {
 				_, err := os.Stat(filepath.Join(dest, f))
 				if keep := f == config; keep != (err == nil) {
 					t.Errorf("after uninstall %s: stat error %v", f, err)
+				}
+			}
+			if len(guestFiles[family]) > 0 {
+				if _, err := os.Stat(filepath.Join(dest, "usr/share/kuasar-go")); err == nil {
+					t.Error("uninstall left the empty guest image directory")
+				}
+			}
+		})
+	}
+}
+
+// TestInstallAll: "all" installs every family (vmm's guest image
+// included) through hack/install.sh and through make, idempotently; its
+// --dry-run changes nothing; uninstalling "all" keeps only the configs.
+func TestInstallAll(t *testing.T) {
+	output := t.TempDir()
+	fakeOutput(t, output, sandboxers...)
+	files := map[string]os.FileMode{}
+	for _, family := range sandboxers {
+		for f, mode := range installedFiles(family) {
+			files[f] = mode
+		}
+	}
+	isConfig := func(f string) bool { return strings.HasPrefix(f, "etc/kuasar-go/") }
+	makeBin, makeErr := exec.LookPath("make")
+
+	for _, via := range []string{"install.sh", "make"} {
+		t.Run(via, func(t *testing.T) {
+			dest := t.TempDir()
+			// run installs (or uninstalls) "all" into dest.
+			run := func(uninstall, dryRun bool) string {
+				t.Helper()
+				if via == "install.sh" {
+					args := []string{"--destdir", dest, "--output", output, "--prefix", "/opt/kg"}
+					if uninstall {
+						args = append(args, "--uninstall")
+					}
+					if dryRun {
+						args = append(args, "--dry-run")
+					}
+					return runInstall(t, append(args, "all")...)
+				}
+				if makeErr != nil {
+					t.Skip("make not found")
+				}
+				target := "install"
+				if uninstall {
+					target = "uninstall"
+				}
+				if dryRun {
+					t.Fatal("make has no dry-run target")
+				}
+				cmd := exec.Command(makeBin, "-C", "../..", "--no-print-directory", target,
+					"SANDBOXER=all", "DESTDIR="+dest, "OUT="+output, "PREFIX=/opt/kg")
+				out, err := cmd.CombinedOutput()
+				if err != nil {
+					t.Fatalf("make %s SANDBOXER=all: %v\n%s", target, err, out)
+				}
+				return string(out)
+			}
+
+			if via == "install.sh" {
+				out := run(false, true)
+				if entries, _ := os.ReadDir(dest); len(entries) != 0 {
+					t.Fatalf("--dry-run wrote %v", entries)
+				}
+				for _, family := range sandboxers {
+					if !strings.Contains(out, family+"-sandboxer") {
+						t.Errorf("--dry-run all does not mention %s-sandboxer:\n%s", family, out)
+					}
+				}
+			}
+			run(false, false)
+			checkInstalled(t, dest, files)
+			if out := run(false, false); strings.Contains(out, "installed ") {
+				t.Errorf("second install of all changed something:\n%s", out)
+			}
+			run(true, false)
+			for f := range files {
+				_, err := os.Stat(filepath.Join(dest, f))
+				if keep := isConfig(f); keep != (err == nil) {
+					t.Errorf("after uninstall of all %s: stat error %v", f, err)
 				}
 			}
 		})
