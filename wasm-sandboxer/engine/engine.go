@@ -75,6 +75,15 @@ type Instance interface {
 	Close(ctx context.Context) error
 }
 
+// DecodedReleaser is an Instance whose engine keeps parts of the decoded
+// module that only compiling or instantiating again would need (wazero).
+// A process that runs one instance of its module calls ReleaseDecoded
+// after instantiation; the Module must not be instantiated again. It
+// reports whether anything was released.
+type DecodedReleaser interface {
+	ReleaseDecoded() bool
+}
+
 var (
 	// ErrUnknownEngine is returned by New for a name no engine registered.
 	ErrUnknownEngine = errors.New("unknown wasm engine")

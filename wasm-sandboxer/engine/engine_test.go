@@ -37,6 +37,9 @@ type helperResp struct {
 	PeakRSSKB int64
 	// SharedCode: the compiled code is mapped from a shared file.
 	SharedCode bool
+	// Released: the engine dropped its decoded copy of the module after
+	// instantiation (DecodedReleaser, as the module process does).
+	Released bool
 }
 
 func TestMain(m *testing.M) {
@@ -84,6 +87,9 @@ func helper(reqJSON string) int {
 		return 0
 	}
 	defer inst.Close(ctx)
+	if r, ok := inst.(DecodedReleaser); ok {
+		resp.Released = r.ReleaseDecoded()
+	}
 	resp.Code, err = inst.Run(ctx)
 	if err != nil {
 		resp.Err = err.Error()
@@ -219,6 +225,11 @@ func TestEngines(t *testing.T) {
 						t.Errorf("%s: error %q, want %q", tc.name, got.resp.Err, tc.wantErr)
 					}
 					continue
+				}
+				// wazero's decoded bodies and data segments are dropped
+				// before the module runs (and it still runs right).
+				if name == "wazero" && !got.resp.Released {
+					t.Errorf("%s: wazero's decoded module not released", tc.name)
 				}
 				if got.resp.Err != "" || got.resp.Code != tc.wantCode {
 					t.Errorf("%s: exit %d, error %q; want exit %d; stderr %q", tc.name, got.resp.Code, got.resp.Err, tc.wantCode, got.stderr)

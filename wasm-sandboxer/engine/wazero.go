@@ -150,12 +150,19 @@ func (m *wazeroModule) Instantiate(ctx context.Context, cfg RunConfig) (Instance
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrLink, err)
 	}
-	return &wazeroInstance{mod: mod}, nil
+	return &wazeroInstance{mod: mod, cm: m.cm}, nil
 }
 
 type wazeroInstance struct {
 	mod api.Module
+	cm  wazero.CompiledModule
 }
+
+// ReleaseDecoded drops wazero's copies of the module's function bodies and
+// active data segments (see releaseDecoded); the module it was
+// instantiated from must not be instantiated again. False: wazero's
+// types were not as expected, nothing was released.
+func (i *wazeroInstance) ReleaseDecoded() bool { return releaseDecoded(i.cm, i.mod) }
 
 func (i *wazeroInstance) Run(ctx context.Context) (int, error) {
 	_, err := i.mod.ExportedFunction("_start").Call(ctx)

@@ -275,5 +275,10 @@ func prepare(cfg RunConfig) (engine.Instance, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
+	// This process instantiates its module once: what the engine keeps for
+	// another instantiation can go (wazero's decoded bodies and data).
+	if r, ok := inst.(engine.DecodedReleaser); ok {
+		r.ReleaseDecoded()
+	}
 	return inst, m.Cached(), nil
 }
