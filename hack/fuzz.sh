@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every Go fuzz target of the workspace in turn, each for FUZZTIME
+# (default 10s). Packages are those with a `func Fuzz` in a _test.go file;
+# targets come from `go test -list`. Their seed corpora (testdata/fuzz/)
+# also run as ordinary tests in `go test`.
+#
+#   hack/fuzz.sh [PKG...]     e.g. hack/fuzz.sh ./shared/validate
+#   FUZZTIME=30s hack/fuzz.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GO=${GO:-go}
+FUZZTIME=${FUZZTIME:-10s}
+# Minimizing each new interesting input can stall a short run for a minute:
+# bound it by executions (a crasher is still reduced).
+FUZZMINIMIZETIME=${FUZZMINIMIZETIME:-200x}
+
+if [ $# -gt 0 ]; then
+	pkgs=("$@")
+else
+	mapfile -t pkgs < <(grep -rl --include='*_test.go' '^func Fuzz' \
+		proto shared runc-sandboxer wasm-sandboxer vmm-sandboxer quark-sandboxer hack 2>/dev/null |
+		xargs -r -n1 dirname | sort -u | sed 's|^|./|')
+fi
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+fail=0
+for pkg in "${pkgs[@]}"; do
+	mapfile -t targets < <($GO test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true)
+	for t in "${targets[@]}"; do
+		echo "=== FUZZ $pkg $t ($FUZZTIME)"
+		if $GO test -run '^$' -fuzz "^${t}\$" -fuzztime "$FUZZTIME" \
+			-fuzzminimizetime "$FUZZMINIMIZETIME" "$pkg" >"$log" 2>&1; then
+			grep -E '^fuzz: elapsed' "$log" | tail -n 1
+		else
+			# The failing input is written under the package's testdata/fuzz/.
+			tail -n 60 "$log"
+			echo "--- FAIL FUZZ $pkg $t"
+			fail=1
+		fi
+	done
+done
+exit $fail
