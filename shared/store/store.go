@@ -144,6 +144,12 @@ func (s *Store) LoadAll() ([]*Sandbox, error) {
 			errs = append(errs, fmt.Errorf("%s holds sandbox %q", name, sb.ID))
 			continue
 		}
+		// ".json" and "..json" would otherwise load as sandboxes "" and
+		// ".", whose directories are the daemon's own.
+		if err := validate.ID("sandbox", sb.ID); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+			continue
+		}
 		out = append(out, &sb)
 	}
 	return out, errors.Join(errs...)
