@@ -61,6 +61,8 @@ type config struct {
 	wasmWarm    int
 	ctrMem      int
 	ctrMemShim  bool
+	vmm         int
+	vmmCounts   []int
 }
 
 // stopping is set by SIGINT/SIGTERM: the loops end, the harness tears down.
@@ -68,7 +70,7 @@ var stopping atomic.Bool
 
 func main() {
 	var c config
-	var counts, engines string
+	var counts, engines, vmmCounts string
 	flag.StringVar(&c.out, "out", "", "output directory (created); required")
 	flag.StringVar(&c.runtimes, "runtime", kuasar+","+shim, "comma-separated CRI runtime handlers measured in one run: kuasar-runc, runc (containerd's shim + pause; ratios are given against it), kuasar-wasm, kuasar-quark")
 	flag.StringVar(&engines, "wasm-engines", "wasmtime,wazero", "kuasar-wasm and --wasm-cold: one series per engine, chosen per pod by the annotation "+wasmEngineAnnotation)
@@ -77,6 +79,8 @@ func main() {
 	flag.IntVar(&c.wasmWarm, "wasm-warm", 10, "warm starts per kind in the first --wasm-cold round")
 	flag.IntVar(&c.ctrMem, "ctr-mem", 0, "if > 0: the per-container memory section: N containers of the same long-running program in one pod per wasm engine of --wasm-engines, and the same program built for Linux under runc-sandboxer (and containerd's runc shim, see --ctr-mem-shim); PSS, anonymous and private memory of each container's processes")
 	flag.BoolVar(&c.ctrMemShim, "ctr-mem-shim", true, "--ctr-mem: also the native program under containerd's runc shim (the shim and pause of its pod reported apart)")
+	flag.IntVar(&c.vmm, "vmm", 0, "if > 0: the VM pod section: N pods under vmm-sandboxer started one after another (RunPodSandbox to first output, split into VM boot, the rest of the pod's start and the container's start), then the daemon's PSS with --vmm-pod-counts pods running; needs make guest")
+	flag.StringVar(&vmmCounts, "vmm-pod-counts", "1,5,10", "--vmm: numbers of running VM pods at which the daemon's memory is measured")
 	flag.BoolVar(&c.quick, "quick", false, "small run (under two minutes): --serial 20 --parallel 5 --batches 2 --pod-counts 1,5,10 --warmup 1 --settle 1s --mem-samples 2, unless those flags are given")
 	flag.IntVar(&c.serial, "serial", 100, "pods per runtime started one after another")
 	flag.IntVar(&c.parallel, "parallel", 20, "pods per batch started at once")
@@ -124,6 +128,9 @@ func main() {
 	if c.podCounts, err = parseCounts(counts); err != nil {
 		fatalf("--pod-counts: %v", err)
 	}
+	if c.vmmCounts, err = parseCounts(vmmCounts); err != nil {
+		fatalf("--vmm-pod-counts: %v", err)
+	}
 	if c.series, err = parseSeries(c.runtimes, engines, c.platforms); err != nil {
 		fatalf("--runtime: %v", err)
 	}
@@ -131,11 +138,11 @@ func main() {
 	if (c.wasmCold > 0 || c.ctrMem > 0) && len(c.wasmEngines) == 0 {
 		fatalf("--wasm-cold, --ctr-mem: no --wasm-engines given")
 	}
-	if c.serial < 0 || c.parallel < 1 || c.batches < 0 || c.warmup < 0 || c.memSamples < 1 || c.poll <= 0 || c.wasmCold < 0 || c.wasmWarm < 0 || c.ctrMem < 0 {
+	if c.serial < 0 || c.parallel < 1 || c.batches < 0 || c.warmup < 0 || c.memSamples < 1 || c.poll <= 0 || c.wasmCold < 0 || c.wasmWarm < 0 || c.ctrMem < 0 || c.vmm < 0 {
 		fatalf("bad flags: --serial, --batches, --warmup, --wasm-cold, --wasm-warm and --ctr-mem must be >= 0, --parallel and --mem-samples >= 1, --poll > 0")
 	}
-	if c.skipStart && c.skipMemory && c.wasmCold == 0 && c.ctrMem == 0 {
-		fatalf("nothing to do: --skip-startup, --skip-memory and no --wasm-cold or --ctr-mem")
+	if c.skipStart && c.skipMemory && c.wasmCold == 0 && c.ctrMem == 0 && c.vmm == 0 {
+		fatalf("nothing to do: --skip-startup, --skip-memory and no --wasm-cold, --ctr-mem or --vmm")
 	}
 	if os.Geteuid() != 0 {
 		fatalf("must run as root: it starts containerd, creates namespaces, cgroups, mounts and network devices (try: sudo make bench)")
@@ -174,6 +181,17 @@ func main() {
 		runErr = ctrMemRun(c, res)
 		if runErr == nil {
 			res.incomplete = false
+		}
+	}
+	if runErr == nil && c.vmm > 0 {
+		var vr *vmmResults
+		if vr, runErr = vmmRun(c, c.vmmCounts); len(vr.starts) > 0 {
+			md, err := vr.report(c.out)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "bench: write VM results:", err)
+				os.Exit(1)
+			}
+			fmt.Print(md)
 		}
 	}
 	if len(res.startup) > 0 || len(res.memory) > 0 || len(res.wasm) > 0 || len(res.ctrMem) > 0 {

@@ -525,6 +525,15 @@ func (e *Env) daemon(name string) *daemon {
 	return nil
 }
 
+// DaemonPID is the PID of the daemon (containerd or a sandboxer by name),
+// 0 when there is none.
+func (e *Env) DaemonPID(name string) int {
+	if d := e.daemon(name); d != nil && d.cmd.Process != nil {
+		return d.cmd.Process.Pid
+	}
+	return 0
+}
+
 // waitSocket waits until a unix socket accepts connections.
 func (e *Env) waitSocket(name, sock string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
