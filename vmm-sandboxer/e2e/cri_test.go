@@ -31,9 +31,10 @@ func guestImage(t *testing.T) (kernel, initrd string) {
 }
 
 // vmmConfig is a vmm-sandboxer config booting the guest under TCG (auto:
-// the KVM probe fails here) with extra kernel parameters.
-func vmmConfig(kernel, initrd, kernelParams string) string {
-	return fmt.Sprintf("[guest]\nkernel = %q\ninitrd = %q\nkernel_params = %q\nboot_timeout_seconds = 240\n", kernel, initrd, kernelParams)
+// the KVM probe fails here) with extra kernel parameters and the boot
+// timeout, then extra TOML.
+func vmmConfig(kernel, initrd, kernelParams string, bootTimeout int, extra string) string {
+	return fmt.Sprintf("[guest]\nkernel = %q\ninitrd = %q\nkernel_params = %q\nboot_timeout_seconds = %d\n%s", kernel, initrd, kernelParams, bootTimeout, extra)
 }
 
 // TestE2EVMMPodLifecycle runs a VM pod through containerd's CRI under TCG:
@@ -43,18 +44,22 @@ func vmmConfig(kernel, initrd, kernelParams string) string {
 // container the guest refuses, exit codes, the VM sized by the pod's
 // limits, stop and removal, a VM killed from outside reported exited with
 // its container; then no QEMU,
-// virtiofsd, tap, mount or file is left. Beside it, pods of two broken
-// configurations fail with the cause: a missing guest image, and a guest
-// that panics at boot (the console's end is in the error).
+// virtiofsd, tap, mount or file is left. Beside it, pods of four broken
+// configurations fail with the cause and leave nothing: a missing guest
+// image, a VMM that cannot start, a guest that panics at boot and an agent
+// that never answers (the console's end is in the error).
 func TestE2EVMMPodLifecycle(t *testing.T) {
 	testenv.RequireRoot(t)
 	kernel, initrd := guestImage(t)
 	bin := testenv.Binary("vmm-sandboxer")
 	testenv.RequireFiles(t, bin)
 	env := testenv.Start(t, testenv.Options{Sandboxers: []testenv.Sandboxer{
-		{Name: handler, Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, os.Getenv("KUASAR_KERNEL_PARAMS"))},
-		{Name: "kuasar-vmm-noimage", Binary: bin, ConfigTOML: vmmConfig(kernel+".missing", initrd, "")},
-		{Name: "kuasar-vmm-panic", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "rdinit=/no-such-init")},
+		{Name: handler, Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, os.Getenv("KUASAR_KERNEL_PARAMS"), 240, "")},
+		{Name: "kuasar-vmm-noimage", Binary: bin, ConfigTOML: vmmConfig(kernel+".missing", initrd, "", 240, "")},
+		{Name: "kuasar-vmm-panic", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "rdinit=/no-such-init", 240, "")},
+		{Name: "kuasar-vmm-noqemu", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "", 240, "[qemu]\nbinary = \"/no/such/qemu\"\naccel = \"tcg\"\n")},
+		// The agent waits for a port the VM does not have.
+		{Name: "kuasar-vmm-noagent", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "kuasar.port=no-such-port", 15, "")},
 	}})
 	// Runs before the environment's cleanup removes the VMs' directories.
 	t.Cleanup(func() {
@@ -73,11 +78,16 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 		for _, c := range []struct{ handler, want string }{
 			{"kuasar-vmm-noimage", "guest image"},
 			{"kuasar-vmm-panic", "Kernel panic"},
+			{"kuasar-vmm-noqemu", "/no/such/qemu"},
+			{"kuasar-vmm-noagent", "did not answer within 15s"},
 		} {
-			_, err := env.TryRunPod(c.handler, nil)
-			if err == nil || !strings.Contains(err.Error(), c.want) {
-				t.Errorf("RunPodSandbox with %s: %v; want an error naming %q", c.handler, err, c.want)
-			}
+			t.Run(c.handler, func(t *testing.T) {
+				t.Parallel()
+				_, err := env.TryRunPod(c.handler, nil)
+				if err == nil || !strings.Contains(err.Error(), c.want) {
+					t.Errorf("RunPodSandbox: %v; want an error naming %q", err, c.want)
+				}
+			})
 		}
 	})
 
