@@ -24,15 +24,16 @@ func openProcSelf() *os.File {
 // the shared libraries', the compiled module's code (wasmtime's .cwasm,
 // wazero's shared code file). Every page fault maps a page and, with the
 // kernel's fault-around, up to 15 neighbours, so that loading the module,
-// instantiating it and the module's own initialisation leave about 21 MiB
-// of file pages mapped (11 MiB of the runner binary) of which the running
-// module uses a part; every container pays its share of those pages in
-// PSS. MADV_DONTNEED on a read-only private file mapping only drops page
-// table entries: the pages stay in the page cache (shared, reclaimable),
-// and a later access maps them again from there. Mappings that are
-// writable, or that hold anonymous (copied-on-write) pages, are left
-// alone, so nothing the process wrote is lost. Best effort: errors are
-// ignored.
+// instantiating it and the module's own initialisation leave about 19 MiB
+// of file pages mapped with wasmtime (11 MiB of the runner binary) of
+// which the running module uses a part; every container pays its share of
+// those pages in PSS. MADV_DONTNEED on a read-only private file mapping
+// only drops page table entries: the pages stay in the page cache (shared,
+// reclaimable), and a later access maps them again from there. Mappings
+// that are writable, or that hold copied-on-write pages (resident or
+// swapped out), are left alone, so nothing the process wrote is lost;
+// nothing in the process makes a file mapping writable later. Best
+// effort: errors are ignored.
 func releaseStartupPages(procSelf *os.File) {
 	if procSelf == nil {
 		return
@@ -64,8 +65,11 @@ func releaseStartupPages(procSelf *os.File) {
 			sp := bytes.IndexByte(line, ' ')
 			switch {
 			case sp > 0 && line[sp-1] == ':':
-				// A field of the current mapping.
-				if have && bytes.HasPrefix(line, []byte("Anonymous:")) && !bytes.Equal(bytes.TrimSpace(line[sp:]), []byte("0 kB")) {
+				// A field of the current mapping: copied-on-write pages,
+				// resident (Anonymous) or swapped out (Swap), mean the
+				// process wrote there.
+				if have && (bytes.HasPrefix(line, []byte("Anonymous:")) || bytes.HasPrefix(line, []byte("Swap:"))) &&
+					!bytes.Equal(bytes.TrimSpace(line[sp:]), []byte("0 kB")) {
 					curAnon = true
 				}
 			case sp > 0:
