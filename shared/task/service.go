@@ -306,7 +306,8 @@ func placeCgroup(bundle, id string, spec *specs.Spec, parent string) error {
 	if parent == "" || spec.Linux == nil {
 		return nil
 	}
-	if strings.HasPrefix(spec.Linux.CgroupsPath, strings.TrimSuffix(parent, "/")+"/") {
+	// Cleaned: "<parent>/" or "<parent>/../x" is not below the parent.
+	if strings.HasPrefix(filepath.Clean(spec.Linux.CgroupsPath), strings.TrimSuffix(parent, "/")+"/") {
 		return nil
 	}
 	spec.Linux.CgroupsPath = filepath.Join(parent, id)
