@@ -1,0 +1,106 @@
+package vmtask
+
+import (
+	"encoding/json"
+	"path"
+	"reflect"
+	"strings"
+	"testing"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kuasar-go/kuasar-go/shared/validate"
+)
+
+const fuzzShare = "/run/kuasar/shared"
+
+// FuzzGuestSpec rewrites a host OCI spec for the guest. Whatever the spec,
+// the guest's keeps no namespace given by a (host) path and no network
+// namespace of its own, every bind mount's source is in the container's
+// share (under a name exposedName made: one path element, never '.' or
+// '..'), or /dev/shm is the VM's tmpfs; hooks, annotations and LSM labels
+// are gone, the cgroup is the guest's, and the host spec is unchanged.
+func FuzzGuestSpec(f *testing.F) {
+	f.Add(`{"process":{"args":["sh"],"apparmorProfile":"p","selinuxLabel":"l"},"root":{"path":"rootfs"},"hooks":{"prestart":[{"path":"/h"}]},"annotations":{"a":"b"},`+
+		`"mounts":[{"destination":"/proc","type":"proc","source":"proc"},{"destination":"/etc/hosts","type":"bind","source":"/var/lib/cri/p/hosts","options":["rbind","ro"]},`+
+		`{"destination":"/data","source":"/var/lib/kubelet/v","options":["bind"]},{"destination":"/dev/shm","type":"bind","source":"/run/cri/p/shm","options":["rbind"]}],`+
+		`"linux":{"cgroupsPath":"kubepods.slice:cri-containerd:c1","mountLabel":"m","namespaces":[{"type":"pid"},{"type":"ipc","path":"/proc/42/ns/ipc"},{"type":"network","path":"/proc/42/ns/net"},{"type":"network"},{"type":"mount"}]}}`, "c1")
+	f.Add(`{"mounts":[{"destination":"/x","type":"bind","source":"relative/path"}]}`, "c1")
+	f.Add(`{"mounts":[{"destination":"/x","type":"none","source":"/","options":["rbind"]},{"destination":"/y","type":"bind","source":"/a/.."}]}`, "c-2")
+	f.Add(`{"linux":{"namespaces":[{"type":"user","path":"/proc/1/ns/user"},{"type":"cgroup","path":""}]}}`, "c1")
+	f.Fuzz(func(t *testing.T, specJSON, id string) {
+		if validate.ID("container", id) != nil {
+			return
+		}
+		var host specs.Spec
+		if json.Unmarshal([]byte(specJSON), &host) != nil {
+			return
+		}
+		before, _ := json.Marshal(&host)
+		n := 0
+		var exposedSrc []string
+		g, err := guestSpec(&host, id, func(src string, ro bool) (string, error) {
+			name := exposedName(n, src)
+			n++
+			if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") {
+				t.Fatalf("exposedName(%q) = %q, not one path element", src, name)
+			}
+			if !path.IsAbs(src) {
+				t.Fatalf("exposed relative source %q", src)
+			}
+			exposedSrc = append(exposedSrc, src)
+			return path.Join(fuzzShare, id, name), nil
+		})
+		if after, _ := json.Marshal(&host); string(after) != string(before) {
+			t.Fatalf("guestSpec changed the host spec:\n%s\n%s", before, after)
+		}
+		if err != nil {
+			return
+		}
+		if g.Hooks != nil || g.Annotations != nil {
+			t.Fatal("hooks or annotations kept")
+		}
+		if g.Process != nil && (g.Process.ApparmorProfile != "" || g.Process.SelinuxLabel != "") {
+			t.Fatal("LSM labels kept")
+		}
+		if (g.Linux == nil) != (host.Linux == nil) {
+			t.Fatal("linux section appeared or vanished")
+		}
+		if g.Linux != nil {
+			if g.Linux.CgroupsPath != "/kuasar/"+id || g.Linux.MountLabel != "" {
+				t.Fatalf("cgroup %q, mount label %q", g.Linux.CgroupsPath, g.Linux.MountLabel)
+			}
+			for _, ns := range g.Linux.Namespaces {
+				if ns.Path != "" || ns.Type == specs.NetworkNamespace {
+					t.Fatalf("guest spec keeps namespace %+v", ns)
+				}
+			}
+		}
+		if len(g.Mounts) != len(host.Mounts) {
+			t.Fatalf("%d mounts became %d", len(host.Mounts), len(g.Mounts))
+		}
+		binds := 0
+		for i, m := range g.Mounts {
+			if m.Destination != host.Mounts[i].Destination {
+				t.Fatalf("mount %d moved from %q to %q", i, host.Mounts[i].Destination, m.Destination)
+			}
+			if !isBind(m) {
+				if isBind(host.Mounts[i]) && m.Destination != "/dev/shm" {
+					t.Fatalf("bind mount %+v lost its bind", host.Mounts[i])
+				}
+				continue
+			}
+			dir := path.Join(fuzzShare, id) + "/"
+			if !strings.HasPrefix(m.Source, dir) || path.Clean(m.Source) != m.Source {
+				t.Fatalf("bind mount %s from %q, outside the share", m.Destination, m.Source)
+			}
+			if !reflect.DeepEqual(m.Options, host.Mounts[i].Options) {
+				t.Fatalf("options of %s changed", m.Destination)
+			}
+			binds++
+		}
+		if binds != len(exposedSrc) {
+			t.Fatalf("%d bind mounts, %d exposed", binds, len(exposedSrc))
+		}
+	})
+}
