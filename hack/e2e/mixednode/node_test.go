@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -331,11 +333,12 @@ func (u *unixName) read() error {
 // netns checks of a snapshot cannot see those.
 type daemonFDs struct {
 	total map[string]int    // daemon -> open fds
+	kinds map[string]int    // "daemon kind" -> open fds of that kind (pipe, socket, file path...)
 	ns    map[string]string // "daemon fd" -> "net:[4026...]"
 }
 
 func (n *node) daemonFDs() daemonFDs {
-	d := daemonFDs{total: map[string]int{}, ns: map[string]string{}}
+	d := daemonFDs{total: map[string]int{}, kinds: map[string]int{}, ns: map[string]string{}}
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
@@ -363,6 +366,7 @@ func (n *node) daemonFDs() daemonFDs {
 		d.total[name] += len(fds)
 		for _, fd := range fds {
 			l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+			d.kinds[name+" "+fdKind(l, n.env.Dir)]++
 			if err == nil && strings.HasSuffix(l, "]") && strings.Contains(l, ":[") && !strings.HasPrefix(l, "socket:") &&
 				!strings.HasPrefix(l, "pipe:") && !strings.HasPrefix(l, "anon_inode:") {
 				d.ns[name+" fd "+fd.Name()] = l
@@ -407,6 +411,7 @@ func (n *node) settle(before *testenv.Snap, fdsBefore daemonFDs, timeout time.Du
 	for {
 		left := before.Diff(n.env.Snapshot())
 		left = append(left, n.daemonFDs().nsLeaks(fdsBefore)...)
+		left = append(left, n.ipamLeases()...)
 		if len(left) == 0 || time.Now().After(deadline) {
 			return left
 		}
@@ -422,8 +427,65 @@ func kinds(diff []string) string {
 		c[k]++
 	}
 	var out []string
-	for _, k := range []string{"process", "mount", "netns", "link", "cgroup", "file"} {
+	for _, k := range []string{"process", "mount", "netns", "link", "cgroup", "file", "namespace fd", "ipam lease"} {
 		out = append(out, fmt.Sprintf("%s %d", k, c[k]))
 	}
 	return strings.Join(out, ", ")
+}
+
+// ipamLeases lists the pod IPs host-local IPAM still holds (one file per
+// leased address under its dataDir); CRI releases them at StopPodSandbox.
+func (n *node) ipamLeases() []string {
+	var out []string
+	dir := filepath.Join(n.env.Dir, "cni", "ipam")
+	_ = filepath.WalkDir(dir, func(p string, de fs.DirEntry, err error) error {
+		if err != nil || de.IsDir() {
+			return nil
+		}
+		if name := de.Name(); name == "lock" || strings.HasPrefix(name, "last_reserved_ip") {
+			return nil
+		}
+		out = append(out, "ipam lease: "+p)
+		return nil
+	})
+	return out
+}
+
+// fdKind groups an fd's link: "pipe", "socket", "anon_inode:[eventpoll]",
+// or a path with ids and the env's root made generic.
+func fdKind(link, root string) string {
+	if i := strings.Index(link, ":["); i > 0 && !strings.HasPrefix(link, "anon_inode") {
+		return link[:i]
+	}
+	link = strings.ReplaceAll(link, root, "$ROOT")
+	return hexID.ReplaceAllString(link, "ID")
+}
+
+var hexID = regexp.MustCompile(`[0-9a-f]{64}`)
+
+// grown lists the fd kinds a daemon holds more of than in before.
+func (d daemonFDs) grown(before daemonFDs) string {
+	var out []string
+	for k, v := range d.kinds {
+		if v > before.kinds[k] {
+			out = append(out, fmt.Sprintf("%s +%d", k, v-before.kinds[k]))
+		}
+	}
+	sort.Strings(out)
+	return strings.Join(out, "; ")
+}
+
+// fdLeaks lists the fd kinds a daemon holds more than slack more of than in
+// before, pidfds aside: Go's os.Process holds one until it is released or
+// collected, so their number follows the daemon's garbage collector (seen
+// here: up and down by tens between rounds) and says nothing of a leak.
+func (d daemonFDs) fdLeaks(before daemonFDs, slack int) []string {
+	var out []string
+	for k, v := range d.kinds {
+		if !strings.HasSuffix(k, "anon_inode:[pidfd]") && v > before.kinds[k]+slack {
+			out = append(out, fmt.Sprintf("open fds: %s: %d, %d after round 1", k, v, before.kinds[k]))
+		}
+	}
+	sort.Strings(out)
+	return out
 }
