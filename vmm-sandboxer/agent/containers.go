@@ -413,6 +413,10 @@ func (c *Containers) Exec(ctx context.Context, r *vmmtask.ExecProcessRequest) (*
 	if err := validate.ID("exec", r.ExecId); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	// Before its bundle path is used: "" or ".." would name Root or its parent.
+	if err := validate.ID("container", r.ContainerId); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
 	if _, err := os.Stat(c.bundle(r.ContainerId)); err != nil {
 		return nil, status.Errorf(codes.NotFound, "container %s not found", r.ContainerId)
 	}
