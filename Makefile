@@ -24,7 +24,7 @@ GOTEST := $(GO) test -v
 endif
 TESTFLAGS ?= -race -count=1 -timeout 25m
 
-.PHONY: all deps build tools test vet demo bench install uninstall clean
+.PHONY: all deps build tools test fuzz vet demo bench install uninstall clean
 
 all: build
 
@@ -66,7 +66,16 @@ vet:
 # Everything: unit tests and, as root, the end-to-end tests through
 # containerd and CRI (they skip with a message when not root).
 test: deps build guest tools vet
-	KUASAR_GO_OUTPUT=$(OUT) $(GOTEST) $(TESTFLAGS) $(PKGS)
+	KUASAR_GO_OUTPUT=$(OUT) $(GOTEST) $(TESTFLAGS) $(PKGS) && $(MAKE) fuzz FUZZTIME=5s
+
+# Every Go fuzz target (decoding and validation of what containerd and the
+# host send: IDs, paths, bundles, OCI specs, options, state files, IO and
+# transport framing), each for FUZZTIME; hack/fuzz.sh lists them per
+# package. Their seed corpora (testdata/fuzz/) also run as normal tests in
+# `go test`; a failing input found here is written there.
+FUZZTIME ?= 10s
+fuzz:
+	FUZZTIME=$(FUZZTIME) GO=$(GO) bash hack/fuzz.sh
 
 # No dependency on build, so `sudo make install` doesn't compile as root;
 # install.sh fails clearly if _output/bin/<name>-sandboxer is missing.
