@@ -94,9 +94,9 @@ func FuzzCreateRequest(f *testing.F) {
 // the families read (engine, platform) come through unchanged.
 func FuzzPodConfig(f *testing.F) {
 	f.Add("type.googleapis.com/runtime.v1.PodSandboxConfig", podConfigBytes(f, &runtimeapi.PodSandboxConfig{
-		Annotations: map[string]string{"quark.kuasar-go.io/gvisor-platform": "systrap", "wasm.kuasar-go.io/engine": "wazero"},
-		Labels:      map[string]string{"app": "web"},
-		DnsConfig:   &runtimeapi.DNSConfig{Servers: []string{"10.0.0.10"}},
+		Annotations:  map[string]string{"quark.kuasar-go.io/gvisor-platform": "systrap", "wasm.kuasar-go.io/engine": "wazero"},
+		Labels:       map[string]string{"app": "web"},
+		DnsConfig:    &runtimeapi.DNSConfig{Servers: []string{"10.0.0.10"}},
 		PortMappings: []*runtimeapi.PortMapping{{ContainerPort: 80, HostPort: 8080}},
 	}))
 	f.Add("runtime.v1.PodSandboxConfig", []byte{0x2a, 0x03, 0x0a, 0x01, 0x61})
