@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-go/kuasar-go/shared/cgroup"
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/guest"
 )
@@ -102,7 +103,7 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 
 	main := testenv.ContainerConfig("main", "sh", "-c", "echo hello-from-the-vm; uname -r; hostname; echo to-stderr >&2; exec sleep 3600")
 	mainID := env.CreateStartContainer(t, podID, podCfg, main)
-	log := env.WaitLog(t, podCfg, main, "to-stderr", 60*time.Second)
+	env.WaitLog(t, podCfg, main, "to-stderr", 60*time.Second)
 	tFirstLog := time.Since(t0)
 	guestKernel, err := guest.NewestKernel("/lib/modules", "/boot")
 	if err != nil {
@@ -111,8 +112,20 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 	var host unix.Utsname
 	_ = unix.Uname(&host)
 	hostKernel := unix.ByteSliceToString(host.Release[:])
-	if want := "hello-from-the-vm\n" + guestKernel + "\nkuasar-vm-pod\n"; !strings.HasPrefix(log, want) {
-		t.Errorf("container log %q, want it to start with %q", log, want)
+	env.WaitLog(t, podCfg, main, "kuasar-vm-pod\n", 10*time.Second)
+	raw, err := os.ReadFile(testenv.LogFile(podCfg, main))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines, err := testenv.ParseCRILog(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "hello-from-the-vm\n" + guestKernel + "\nkuasar-vm-pod\n"; testenv.LogText(lines, "stdout") != want {
+		t.Errorf("container stdout %q, want %q", testenv.LogText(lines, "stdout"), want)
+	}
+	if got := testenv.LogText(lines, "stderr"); got != "to-stderr\n" {
+		t.Errorf("container stderr %q, want %q", got, "to-stderr\n")
 	}
 	if guestKernel == hostKernel {
 		t.Logf("the guest runs the host's kernel release %s: the kernel check proves less", hostKernel)
@@ -191,8 +204,27 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 
 	t.Run("VMKilledFromOutside", func(t *testing.T) {
 		podCfg := env.PodConfig()
+		// In a cgroup parent as kubelet gives: CRI's pod stats read it, and
+		// it holds the VM.
+		parent := "/kuasar-go-e2e/pod" + podCfg.Metadata.Uid
+		podCfg.Linux = &runtime.LinuxPodSandboxConfig{CgroupParent: parent}
+		t.Cleanup(func() {
+			// kubelet's to remove, after the sandboxer removed what it made below.
+			for _, p := range []string{parent, filepath.Dir(parent)} {
+				if g, err := cgroup.Load(p); err == nil {
+					if err := g.Delete(); err != nil {
+						t.Errorf("cgroup %s: %v (the sandboxer left something below it)", p, err)
+					}
+				}
+			}
+		})
 		podID := env.RunPod(t, handler, podCfg)
 		ctrID := env.CreateStartContainer(t, podID, podCfg, testenv.ContainerConfig("sleeper", "sleep", "3600"))
+		if st, err := env.Runtime.PodSandboxStats(ctx, &runtime.PodSandboxStatsRequest{PodSandboxId: podID}); err != nil {
+			t.Errorf("PodSandboxStats: %v", err)
+		} else if st.GetStats().GetLinux().GetCpu().GetUsageCoreNanoSeconds().GetValue() == 0 {
+			t.Errorf("the VM's CPU usage is zero: %+v", st.GetStats().GetLinux())
+		}
 		killed := 0
 		for _, pid := range processesMentioning(filepath.Join(env.SandboxerDirs[handler], "vm") + "/") {
 			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.HasPrefix(string(comm), "qemu") {
