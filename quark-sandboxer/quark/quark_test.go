@@ -421,7 +421,9 @@ func TestContractQuarkBadInput(t *testing.T) {
 			}
 			_, err := r.Ctrl.Start(ctx, &sandboxapi.ControllerStartRequest{SandboxID: tc.id})
 			testenv.WantCode(t, "Start", err, codes.Internal, tc.mention)
-			r.shutdown(t, tc.id)
+			// Released and forgotten by the failed start itself.
+			_, err = r.Ctrl.Shutdown(ctx, &sandboxapi.ControllerShutdownRequest{SandboxID: tc.id})
+			testenv.WantCode(t, "Shutdown after a failed start", err, codes.NotFound, "not found")
 			assertNothingLeft(t, r, tc.id)
 		})
 	}
