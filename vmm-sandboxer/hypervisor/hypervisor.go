@@ -92,6 +92,10 @@ type Config struct {
 	Accel Accel
 	// HotplugSlots is the number of free PCIe slots kept for AddDevice.
 	HotplugSlots int
+	// TCGCacheMiB sizes QEMU's translated-code cache under TCG (0: QEMU's
+	// default, 1 GiB, which a guest fills with use); other VMMs and KVM
+	// ignore it.
+	TCGCacheMiB int
 	// Devices are present from boot, in order.
 	Devices []Device
 }

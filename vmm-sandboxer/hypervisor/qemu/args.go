@@ -40,6 +40,13 @@ func Args(cfg *hypervisor.Config) ([]string, []*os.File, error) {
 		return nil, nil, err
 	}
 	machine := "q35,accel=" + string(cfg.Accel)
+	accel := []string{}
+	if cfg.Accel == hypervisor.AccelTCG && cfg.TCGCacheMiB > 0 {
+		// The accelerator's own options need -accel rather than the
+		// machine's accel property.
+		machine = "q35"
+		accel = []string{"-accel", "tcg,tb-size=" + strconv.Itoa(cfg.TCGCacheMiB)}
+	}
 	cpu := "max"
 	if cfg.Accel == hypervisor.AccelKVM {
 		cpu = "host"
@@ -57,6 +64,7 @@ func Args(cfg *hypervisor.Config) ([]string, []*os.File, error) {
 		a = append(a, "-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", cfg.MemoryMiB))
 	}
 	a = append(a, "-machine", machine)
+	a = append(a, accel...)
 	a = append(a, "-kernel", esc(cfg.Kernel))
 	if cfg.Initrd != "" {
 		a = append(a, "-initrd", esc(cfg.Initrd))

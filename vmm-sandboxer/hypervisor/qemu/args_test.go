@@ -55,6 +55,17 @@ func TestArgs(t *testing.T) {
 			},
 		},
 		{
+			name: "a smaller TCG translation cache",
+			edit: func(c *hypervisor.Config) { c.TCGCacheMiB = 64; c.SharedMemory = true },
+			want: []string{"-machine q35,memory-backend=mem", "-accel tcg,tb-size=64"},
+		},
+		{
+			name: "KVM has no translation cache",
+			edit: func(c *hypervisor.Config) { c.TCGCacheMiB = 64; c.Accel = hypervisor.AccelKVM },
+			want: []string{"-machine q35,accel=kvm"},
+			not:  []string{"-accel"},
+		},
+		{
 			name: "hot-plug slots",
 			edit: func(c *hypervisor.Config) { c.HotplugSlots = 2 },
 			want: []string{
