@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -179,4 +180,16 @@ func (b *Base) Serve(ctrl *controller.Server, registerTasks func(*ttrpc.Server))
 	}
 	os.Remove(b.Flags.Listen)
 	return serveErr
+}
+
+// Exit ends a sandboxer's main with the outcome of running it: nothing for
+// success, --version or --help, else the error on stderr and status 1.
+func Exit(name string, err error) {
+	if err == nil || errors.Is(err, ErrVersionPrinted) {
+		return
+	}
+	if !errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+	}
+	os.Exit(1)
 }

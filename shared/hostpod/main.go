@@ -2,9 +2,6 @@ package hostpod
 
 import (
 	"context"
-	"errors"
-	"flag"
-	"fmt"
 	"os"
 
 	"go.uber.org/zap"
@@ -28,15 +25,7 @@ func Main(name string, cfg daemon.Config, newRuntime NewRuntime) {
 		holder.Main()
 		return
 	}
-	if err := run(name, cfg, newRuntime); err != nil {
-		if errors.Is(err, daemon.ErrVersionPrinted) {
-			return
-		}
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
-		}
-		os.Exit(1)
-	}
+	daemon.Exit(name, run(name, cfg, newRuntime))
 }
 
 func run(name string, cfg daemon.Config, newRuntime NewRuntime) error {

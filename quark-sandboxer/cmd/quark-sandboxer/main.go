@@ -7,9 +7,6 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
-	"fmt"
 	"os"
 	"path/filepath"
 
@@ -38,15 +35,7 @@ func main() {
 		gvisor.WaiterMain()
 		return
 	}
-	if err := run(); err != nil {
-		if errors.Is(err, daemon.ErrVersionPrinted) {
-			return
-		}
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
-		}
-		os.Exit(1)
-	}
+	daemon.Exit(name, run())
 }
 
 func run() error {

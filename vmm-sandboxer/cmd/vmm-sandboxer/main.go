@@ -5,9 +5,6 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
-	"fmt"
 	"os"
 
 	"go.uber.org/zap"
@@ -20,15 +17,7 @@ import (
 const name = "vmm-sandboxer"
 
 func main() {
-	if err := run(); err != nil {
-		if errors.Is(err, daemon.ErrVersionPrinted) {
-			return
-		}
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
-		}
-		os.Exit(1)
-	}
+	daemon.Exit(name, run())
 }
 
 func run() error {
