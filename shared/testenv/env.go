@@ -103,9 +103,11 @@ type Env struct {
 type daemon struct {
 	name string
 	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
-	err  error
+	// args and env started it (for a restart).
+	args, env []string
+	log       string
+	done      chan struct{}
+	err       error
 }
 
 // RepoRoot returns the directory holding go.work, searched upwards from the
@@ -507,7 +509,7 @@ func (e *Env) startDaemon(name, bin string, args, env []string) error {
 		return fmt.Errorf("start %s: %w", name, err)
 	}
 	f.Close()
-	d := &daemon{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
+	d := &daemon{name: name, cmd: cmd, args: args, env: env, log: logPath, done: make(chan struct{})}
 	go func() {
 		d.err = cmd.Wait()
 		close(d.done)
@@ -523,6 +525,33 @@ func (e *Env) daemon(name string) *daemon {
 		}
 	}
 	return nil
+}
+
+// RestartSandboxer stops the sandboxer name with SIGTERM, waits down, and
+// starts it again with the same arguments: what its pods do meanwhile is
+// the test's to check.
+func (e *Env) RestartSandboxer(t testing.TB, name string, down time.Duration) {
+	t.Helper()
+	d := e.daemon(name)
+	if d == nil {
+		t.Fatalf("testenv: no daemon %s", name)
+	}
+	stopDaemon(t, d, 10*time.Second)
+	for i, p := range e.procs {
+		if p == d {
+			e.procs = append(e.procs[:i], e.procs[i+1:]...)
+			break
+		}
+	}
+	time.Sleep(down)
+	if err := e.startDaemon(name, d.cmd.Path, d.args, d.env); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// The new instance replaces one that leak checks knew.
+	e.ignore = append(e.ignore, regexp.MustCompile(fmt.Sprintf(`^%d `, e.DaemonPID(name))))
 }
 
 // DaemonPID is the PID of the daemon (containerd or a sandboxer by name),

@@ -170,6 +170,12 @@ func (c *Client) Exec(ctx context.Context, containerID, execID string, spec *spe
 	return p, nil
 }
 
+// Attach returns a handle on a process the guest already has (one created
+// before the host's daemon restarted), without IO streams.
+func (c *Client) Attach(containerID, execID string) *Process {
+	return &Process{c: c, ContainerID: containerID, ExecID: execID}
+}
+
 // OpenStream opens one IO stream of a process on the IO port.
 func (c *Client) OpenStream(ctx context.Context, containerID, execID string, kind vmmtask.IOStreamHeader_Kind) (net.Conn, error) {
 	conn, err := c.dialer.Dial(ctx, transport.IOPort)

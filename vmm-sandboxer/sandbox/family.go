@@ -22,7 +22,7 @@ import (
 	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
 	"github.com/kuasar-go/kuasar-go/shared/cgroup"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
-	"github.com/kuasar-go/kuasar-go/shared/daemon"
+	"github.com/kuasar-go/kuasar-go/shared/holder"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/agentclient"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
@@ -56,10 +56,17 @@ type state struct {
 	PodCgroup    string `json:"pod_cgroup"`
 	OwnPodCgroup bool   `json:"own_pod_cgroup,omitempty"`
 	VMMPid       int    `json:"vmm_pid,omitempty"`
+	// VMMStartTime tells the VMM from a process that reused its PID.
+	VMMStartTime uint64 `json:"vmm_start_time,omitempty"`
+	VirtiofsdPid int    `json:"virtiofsd_pid,omitempty"`
+	// AgentCID is the guest's vsock CID when the agent is reached over
+	// vsock, 0 for the virtio-serial port.
+	AgentCID uint32 `json:"agent_cid,omitempty"`
 }
 
 func (st *state) shareDir() string   { return filepath.Join(st.VMDir, "share") }
 func (st *state) taskSocket() string { return filepath.Join(st.VMDir, "task.sock") }
+func (st *state) recordDir() string  { return filepath.Join(st.VMDir, "containers") }
 
 // pod is a running pod's VM and what serves it.
 type pod struct {
@@ -207,8 +214,13 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 	if err := cg.Add(p.fsd.PID()); err != nil {
 		return nil, fmt.Errorf("place virtiofsd in the pod cgroup: %w", err)
 	}
+	st.VirtiofsdPid = p.fsd.PID()
 
 	agentSock := filepath.Join(st.VMDir, "agent.sock")
+	agentDev := f.agentDevice(sb.ID, agentSock)
+	if v, ok := agentDev.(*hypervisor.Vsock); ok {
+		st.AgentCID = v.GuestCID
+	}
 	vmCfg := hypervisor.Config{
 		ID: sb.ID, Dir: st.VMDir, Kernel: f.cfg.Guest.Kernel, Initrd: f.cfg.Guest.Initrd,
 		Cmdline: strings.TrimSpace("console=ttyS0 quiet panic=-1 kuasar.port=" + agentPortName + " " + f.cfg.Guest.KernelParams),
@@ -216,7 +228,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 		Devices: []hypervisor.Device{
 			&hypervisor.Console{ID: "console"},
 			&hypervisor.RNG{ID: "rng"},
-			f.agentDevice(sb.ID, agentSock),
+			agentDev,
 			&hypervisor.VirtioFS{ID: "fs0", Tag: shareTag, SocketPath: fsSock},
 		},
 	}
@@ -243,6 +255,9 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 		return nil, fmt.Errorf("place the VMM in the pod cgroup: %w", err)
 	}
 	st.VMMPid = vm.PID()
+	if st.VMMStartTime, err = holder.StartTime(st.VMMPid); err != nil {
+		return nil, err
+	}
 
 	if p.agent, err = f.waitAgent(ctx, p, vmCfg); err != nil {
 		return nil, err
@@ -253,16 +268,10 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 	}
 
 	share := agentclient.Share{HostDir: st.shareDir(), GuestDir: guestShareDir}
-	p.tasks = vmtask.New(sb.ID, p.agent, share, f.events, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
-	if p.taskSrv, err = ttrpc.NewServer(); err != nil {
+	p.tasks = vmtask.New(sb.ID, p.agent, share, st.recordDir(), f.events, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
+	if err := f.serveTasks(p, st); err != nil {
 		return nil, err
 	}
-	p.tasks.Register(p.taskSrv)
-	l, err := daemon.ListenUnix(st.taskSocket())
-	if err != nil {
-		return nil, fmt.Errorf("task socket: %w", err)
-	}
-	go func() { _ = p.taskSrv.Serve(context.Background(), l) }()
 
 	if err := sb.EncodeFamily(st); err != nil {
 		return nil, err
@@ -444,6 +453,8 @@ func (f *Family) release(ctx context.Context, sb *store.Sandbox, st state, p *po
 	}
 	if p.fsd != nil {
 		errs = append(errs, p.fsd.Stop(ctx))
+	} else if virtiofsdOf(st) {
+		_ = unix.Kill(st.VirtiofsdPid, unix.SIGKILL)
 	}
 	if sb.NetnsPath != "" {
 		errs = append(errs, podnet.Teardown(ctx, sb.NetnsPath))
@@ -467,7 +478,12 @@ func (f *Family) release(ctx context.Context, sb *store.Sandbox, st state, p *po
 // names the VM's directory) and not a process that reused the PID.
 func vmmOf(st state) bool {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", st.VMMPid))
-	return err == nil && strings.Contains(string(b), st.VMDir)
+	return err == nil && containsDir(b, st.VMDir)
+}
+
+// containsDir tells whether a command line names a path in dir.
+func containsDir(cmdline []byte, dir string) bool {
+	return strings.Contains(string(cmdline), dir+"/")
 }
 
 // unmountAll lazily unmounts dir and everything below it.

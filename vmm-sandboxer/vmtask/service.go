@@ -61,6 +61,8 @@ type Service struct {
 	log       *zap.Logger
 	ctx       context.Context
 	cancel    context.CancelFunc
+	// recordDir keeps a record per container for a restarted daemon.
+	recordDir string
 
 	mu         sync.Mutex
 	containers map[string]*container
@@ -99,12 +101,13 @@ type process struct {
 }
 
 // New returns the task service of pod sandboxID, whose agent is reached
-// through agent and whose share is share.
-func New(sandboxID string, agent *agentclient.Client, share agentclient.Share, pub Publisher, log *zap.Logger) *Service {
+// through agent and whose share is share; it keeps its containers' records
+// in recordDir (see Restore).
+func New(sandboxID string, agent *agentclient.Client, share agentclient.Share, recordDir string, pub Publisher, log *zap.Logger) *Service {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{
 		sandboxID: sandboxID, agent: agent, share: share, pub: pub, log: log,
-		ctx: ctx, cancel: cancel, containers: map[string]*container{},
+		ctx: ctx, cancel: cancel, containers: map[string]*container{}, recordDir: recordDir,
 	}
 	go s.forwardEvents()
 	return s
@@ -340,6 +343,10 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	p.ap, p.pid = ap, ap.Pid
 	c.init = p
+	if err := s.saveRecord(c); err != nil {
+		_, _ = ap.Delete(context.Background())
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: keep its record: %w", r.ID, err))
+	}
 	s.mu.Lock()
 	s.containers[r.ID] = c
 	s.mu.Unlock()
@@ -499,6 +506,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	delete(s.containers, r.ID)
 	s.mu.Unlock()
 	s.releaseHost(c)
+	s.removeRecord(c.id)
 	s.publish(c.namespace, runtime.TaskDeleteEventTopic, &eventstypes.TaskDelete{
 		ContainerID: c.id, Pid: resp.Pid, ExitStatus: resp.ExitStatus, ExitedAt: resp.ExitedAt,
 	})

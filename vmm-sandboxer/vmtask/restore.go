@@ -1,0 +1,141 @@
+package vmtask
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/v2/core/runtime"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"go.uber.org/zap"
+
+	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
+	"github.com/kuasar-go/kuasar-go/shared/store"
+	"github.com/kuasar-go/kuasar-go/shared/validate"
+)
+
+// record is what the host keeps of a container so that a restarted daemon
+// can serve it again; the guest keeps the rest (status, PID, exit).
+type record struct {
+	ID        string   `json:"id"`
+	Bundle    string   `json:"bundle"`
+	Namespace string   `json:"namespace"`
+	Mounts    []string `json:"mounts"`
+	Stdin     string   `json:"stdin,omitempty"`
+	Stdout    string   `json:"stdout,omitempty"`
+	Stderr    string   `json:"stderr,omitempty"`
+	Terminal  bool     `json:"terminal,omitempty"`
+	Pid       uint32   `json:"pid"`
+}
+
+func (s *Service) recordPath(id string) string { return filepath.Join(s.recordDir, id+".json") }
+
+// saveRecord writes the container's record atomically, root-only.
+func (s *Service) saveRecord(c *container) error {
+	if err := os.MkdirAll(s.recordDir, 0o700); err != nil {
+		return err
+	}
+	b, err := json.Marshal(record{
+		ID: c.id, Bundle: c.bundle, Namespace: c.namespace, Mounts: c.mounts,
+		Stdin: c.init.stdio.Stdin, Stdout: c.init.stdio.Stdout, Stderr: c.init.stdio.Stderr, Terminal: c.init.stdio.Terminal,
+		Pid: c.init.pid,
+	})
+	if err != nil {
+		return err
+	}
+	return store.WriteFileAtomic(s.recordPath(c.id), b)
+}
+
+func (s *Service) removeRecord(id string) {
+	if err := os.Remove(s.recordPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		s.log.Warn("remove container record", zap.String("container", id), zap.Error(err))
+	}
+}
+
+// Restore serves again the containers a previous instance of the daemon
+// created in this pod: their records on the host, their state from the
+// guest, which kept running. A container that ended meanwhile reports its
+// real exit status; one the guest no longer has is released. Output
+// written while the daemon was down, and after, is not captured: CRI's
+// readers saw the FIFOs close with the old daemon.
+func (s *Service) Restore(ctx context.Context) error {
+	ents, err := os.ReadDir(s.recordDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || validate.ID("container", id) != nil {
+			continue
+		}
+		if err := s.restoreOne(ctx, id); err != nil {
+			errs = append(errs, fmt.Errorf("container %s: %w", id, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Service) restoreOne(ctx context.Context, id string) error {
+	b, err := os.ReadFile(s.recordPath(id))
+	if err != nil {
+		return err
+	}
+	var r record
+	if err := json.Unmarshal(b, &r); err != nil || r.ID != id {
+		return fmt.Errorf("record %s: %v", s.recordPath(id), err)
+	}
+	c := &container{id: r.ID, bundle: r.Bundle, namespace: r.Namespace, dir: filepath.Join(s.share.HostDir, r.ID),
+		mounts: r.Mounts, execs: map[string]*process{}}
+	st, err := s.agent.ProcessState(ctx, &vmmtask.ProcessStateRequest{ContainerId: id})
+	if errdefs.IsNotFound(errgrpc.ToNative(err)) {
+		s.log.Info("container gone from the guest; releasing it", zap.String("container", id))
+		s.releaseHost(c)
+		s.removeRecord(id)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	p := &process{
+		ap: s.agent.Attach(id, ""), pid: st.Pid, exited: make(chan struct{}),
+		stdio: taskAPI.StateResponse{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
+	}
+	c.init = p
+	switch st.Status {
+	case "CREATED":
+		p.status = statusCreated
+	case "STOPPED":
+		p.status, p.exitStatus, p.exitedAt = statusStopped, st.ExitStatus, time.Unix(0, st.ExitedAtUnixNs)
+		close(p.exited)
+	default:
+		p.status = statusRunning
+	}
+	s.mu.Lock()
+	s.containers[id] = c
+	s.mu.Unlock()
+	switch p.status {
+	case statusRunning:
+		go s.waitExit(c, p)
+	case statusStopped:
+		// containerd learns of it from Wait as well; the event is for
+		// whoever missed it while the daemon was down.
+		s.publish(c.namespace, runtime.TaskExitEventTopic, &eventstypes.TaskExit{
+			ContainerID: id, ID: id, Pid: p.pid, ExitStatus: p.exitStatus, ExitedAt: protobuf.ToTimestamp(p.exitedAt),
+		})
+	}
+	s.log.Info("container restored", zap.String("container", id), zap.String("status", st.Status), zap.Uint32("guest_pid", st.Pid))
+	return nil
+}
