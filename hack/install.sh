@@ -7,6 +7,7 @@
 #   _output/bin/NAME-sandboxer           -> DESTDIR PREFIX/bin/NAME-sandboxer          (0755)
 #   _output/bin/kuasar-holder (runc, wasm, quark) -> DESTDIR PREFIX/bin/kuasar-holder (0755)
 #   _output/bin/kuasar-wasm-runner (wasm)  -> DESTDIR PREFIX/bin/kuasar-wasm-runner    (0755)
+#   _output/bin/kuasar-wasm-runner-wasmtime (wasm) -> DESTDIR PREFIX/bin/kuasar-wasm-runner-wasmtime (0755)
 #   deploy/systemd/NAME-sandboxer.service -> DESTDIR/etc/systemd/system/              (0644)
 #   deploy/config/NAME-sandboxer.toml     -> DESTDIR/etc/kuasar-go/  never overwritten (0644)
 #   deploy/containerd/NAME-sandboxer.toml -> DESTDIR/etc/containerd/conf.d/            (0644)
@@ -93,8 +94,10 @@ uses_holder() {
 	for u in "${HOLDER_USERS[@]}"; do [ "$u" = "$1" ] && return 0; done
 	return 1
 }
-# wasm-sandboxer's module processes run kuasar-wasm-runner, found beside it.
+# wasm-sandboxer's module processes run kuasar-wasm-runner, found beside it;
+# wasmtime's run kuasar-wasm-runner-wasmtime (C, no Go runtime) beside it.
 WASM_RUNNER=kuasar-wasm-runner
+WASM_RUNNERS=("$WASM_RUNNER" kuasar-wasm-runner-wasmtime)
 # vmm-sandboxer's pods boot this guest image, where its config's defaults
 # ([guest] kernel, initrd) look for it: a fixed path, whatever the prefix.
 src_guest() { echo "$OUTPUT/guest"; }
@@ -215,8 +218,10 @@ do_install() {
 		if uses_holder "$name" && [ ! -f "$OUTPUT/bin/$HOLDER" ]; then
 			missing+=("$OUTPUT/bin/$HOLDER")
 		fi
-		if [ "$name" = wasm ] && [ ! -f "$OUTPUT/bin/$WASM_RUNNER" ]; then
-			missing+=("$OUTPUT/bin/$WASM_RUNNER")
+		if [ "$name" = wasm ]; then
+			for f in "${WASM_RUNNERS[@]}"; do
+				[ -f "$OUTPUT/bin/$f" ] || missing+=("$OUTPUT/bin/$f")
+			done
 		fi
 	done
 	for f in "${missing[@]+"${missing[@]}"}" "${missing_guest[@]+"${missing_guest[@]}"}"; do
@@ -241,7 +246,9 @@ do_install() {
 			put "$OUTPUT/bin/$HOLDER" "$DESTDIR$BINDIR/$HOLDER" 755
 		fi
 		if [ "$name" = wasm ]; then
-			put "$OUTPUT/bin/$WASM_RUNNER" "$DESTDIR$BINDIR/$WASM_RUNNER" 755
+			for f in "${WASM_RUNNERS[@]}"; do
+				put "$OUTPUT/bin/$f" "$DESTDIR$BINDIR/$f" 755
+			done
 		fi
 		if [ "$name" = vmm ]; then
 			for f in "${GUEST_FILES[@]}"; do
@@ -303,7 +310,9 @@ do_uninstall() {
 		remove "$DESTDIR$DROPINDIR/$name-sandboxer.toml"
 		remove "$DESTDIR$BINDIR/$name-sandboxer"
 		if [ "$name" = wasm ]; then
-			remove "$DESTDIR$BINDIR/$WASM_RUNNER"
+			for f in "${WASM_RUNNERS[@]}"; do
+				remove "$DESTDIR$BINDIR/$f"
+			done
 		fi
 		if [ "$name" = vmm ]; then
 			for f in "${GUEST_FILES[@]}"; do

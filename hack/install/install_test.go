@@ -28,7 +28,7 @@ var usesHolder = map[string]bool{"runc": true, "wasm": true, "quark": true}
 
 // helpers: the binaries each family's installation brings beside its
 // sandboxer, besides the holder (wasm: its module processes' runner).
-var helpers = map[string][]string{"wasm": {"kuasar-wasm-runner"}}
+var helpers = map[string][]string{"wasm": {"kuasar-wasm-runner", "kuasar-wasm-runner-wasmtime"}}
 
 // guestDir is where vmm's guest image is installed (the defaults of its
 // config's [guest] kernel and initrd), whatever the prefix.
@@ -429,7 +429,7 @@ func TestInstallAll(t *testing.T) {
 // kuasar-holder stays while another sandboxer that uses it is installed.
 func TestUninstallKeepsSharedHolder(t *testing.T) {
 	output := t.TempDir()
-	for _, f := range []string{"runc-sandboxer", "wasm-sandboxer", "kuasar-holder", "kuasar-wasm-runner"} {
+	for _, f := range []string{"runc-sandboxer", "wasm-sandboxer", "kuasar-holder", "kuasar-wasm-runner", "kuasar-wasm-runner-wasmtime"} {
 		copyExecutable(t, filepath.Join(output, "bin", f))
 	}
 	dest := t.TempDir()

@@ -4,7 +4,9 @@ package e2e
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/engine"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/runner"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/wasmrt"
 )
 
@@ -175,6 +178,29 @@ func nsLink(t *testing.T, pid int, ns string) string {
 	return l
 }
 
+// expectedRunner is the binary of an engine's module processes.
+func expectedRunner(eng string) string {
+	if eng == "wasmtime" && cRunnerBuilt() {
+		return runner.WasmtimeBinaryName
+	}
+	return runner.BinaryName
+}
+
+func cRunnerBuilt() bool {
+	_, err := os.Stat(testenv.Binary(runner.WasmtimeBinaryName))
+	return err == nil
+}
+
+// mustExe is the base name of a process's executable.
+func mustExe(t *testing.T, pid int) string {
+	t.Helper()
+	l, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Base(l)
+}
+
 // TestE2EWasmIsolation: the module processes of a pod's containers share
 // the pod's network, PID, IPC and UTS namespaces (not the node's), each
 // sits in its own cgroup below the pod's, a memory limit holds (a module
@@ -199,6 +225,12 @@ func TestE2EWasmIsolation(t *testing.T) {
 				if la != lb || la == host {
 					t.Errorf("%s namespace: container a %s, b %s, node %s; want a = b != node", ns, la, lb, host)
 				}
+			}
+			// The module process is the runner meant for the engine:
+			// kuasar-wasm-runner-wasmtime (no Go runtime) for wasmtime
+			// when make build built it beside the daemon.
+			if exe, want := mustExe(t, pa), expectedRunner(eng); exe != want {
+				t.Errorf("%s module process runs %s, want %s", eng, exe, want)
 			}
 			cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pa))
 			if !strings.Contains(string(cg), "/"+aID+"\n") || !strings.Contains(string(cg), podID) {
@@ -382,6 +414,65 @@ func TestE2EWasmOCIArtifact(t *testing.T) {
 		if log := env.ReadLog(t, podCfg, c); !strings.Contains(log, "from-an-artifact\narg[0]=app.wasm\n") {
 			t.Errorf("%s: log %q", tc.name, log)
 		}
+	}
+	env.StopRemovePod(t, podID)
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
+
+// TestE2EWasmBadCache: with kuasar-wasm-runner-wasmtime, a cached compiled
+// module that wasmtime cannot load (another version or configuration, or
+// damaged) fails the container's start clearly, is dropped from the cache,
+// and the next start compiles the module again and runs it.
+func TestE2EWasmBadCache(t *testing.T) {
+	if !slices.Contains(engines(), "wasmtime") || !cRunnerBuilt() {
+		t.Skip("needs wasmtime and " + runner.WasmtimeBinaryName + " (make build)")
+	}
+	cache := t.TempDir()
+	env := startEnv(t, fmt.Sprintf("[wasm]\nengine = \"wasmtime\"\ncache_dir = %q\n", cache))
+	before := env.Snapshot()
+	podCfg := env.PodConfig()
+	podID := env.RunPod(t, handler, podCfg)
+	ctx := t.Context()
+
+	first := wasmContainer("first", "echo", "compiled")
+	firstID := env.CreateStartContainer(t, podID, podCfg, first)
+	if code := env.WaitContainerExited(t, firstID, 60*time.Second); code != 0 {
+		t.Fatalf("first container: exit %d, log %q", code, env.ReadLog(t, podCfg, first))
+	}
+	code, _ := filepath.Glob(filepath.Join(cache, "wasmtime-"+engine.Version("wasmtime"), "code", "*.cwasm"))
+	if len(code) != 1 {
+		t.Fatalf("compiled modules in the cache: %v, want one", code)
+	}
+	// Same size, not wasmtime's serialized code any more.
+	data, err := os.ReadFile(code[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range data {
+		data[i] = 0x5a
+	}
+	if err := os.WriteFile(code[0], data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	bad := wasmContainer("bad-cache", "echo", "never")
+	badID := env.CreateContainer(t, podID, podCfg, bad)
+	_, err = env.Runtime.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: badID})
+	if err == nil || !strings.Contains(err.Error(), "cannot load the compiled module") || !strings.Contains(err.Error(), code[0]) {
+		t.Errorf("StartContainer with a bad cached module: %v; want it to name the cache file", err)
+	}
+	t.Logf("StartContainer with a bad cached module: %v", err)
+	if _, err := env.Runtime.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: badID}); err != nil {
+		t.Errorf("RemoveContainer: %v", err)
+	}
+
+	again := wasmContainer("again", "echo", "recompiled")
+	againID := env.CreateStartContainer(t, podID, podCfg, again)
+	if code := env.WaitContainerExited(t, againID, 60*time.Second); code != 0 || !strings.Contains(env.ReadLog(t, podCfg, again), "recompiled") {
+		t.Errorf("after the bad cache entry: exit %d, log %q", code, env.ReadLog(t, podCfg, again))
+	}
+	if n := compiles(t, env, "wasmtime"); n != 2 {
+		t.Errorf("the module was compiled %d times, want 2 (once more after the bad entry was dropped)", n)
 	}
 	env.StopRemovePod(t, podID)
 	env.AssertNoLeaks(t, before, 15*time.Second)

@@ -150,6 +150,32 @@ func markCached(cacheDir, name string, wasm []byte) {
 	_ = cacheFile(filepath.Join(cacheSubdir(cacheDir, name), "index", Key(wasm)), nil)
 }
 
+// WasmtimeCodePath is where the wasmtime engine keeps wasm's compiled
+// code (wasmtime's serialized module) in cacheDir, for runners that load it
+// themselves (kuasar-wasm-runner-wasmtime); "" without a cache.
+func WasmtimeCodePath(cacheDir string, wasm []byte) string {
+	if cacheDir == "" {
+		return ""
+	}
+	return wasmtimeCodePath(cacheDir, Key(wasm))
+}
+
+func wasmtimeCodePath(cacheDir, key string) string {
+	return filepath.Join(cacheSubdir(cacheDir, "wasmtime"), "code", key+".cwasm")
+}
+
+// Uncache forgets wasm's compiled code of the engine in cacheDir (a file a
+// runner could not load), so that the next start compiles it again.
+func Uncache(cacheDir, name string, wasm []byte) {
+	if cacheDir == "" {
+		return
+	}
+	os.Remove(filepath.Join(cacheSubdir(cacheDir, name), "index", Key(wasm)))
+	if name == "wasmtime" {
+		os.Remove(wasmtimeCodePath(cacheDir, Key(wasm)))
+	}
+}
+
 // Names lists the engines this build has, sorted.
 func Names() []string {
 	mu.Lock()

@@ -22,7 +22,7 @@ func init() { Register("wasmtime", WasmtimeVersion, newWasmtime) }
 
 type wasmtimeEngine struct {
 	engine   *wasmtime.Engine
-	cacheDir string
+	cacheDir string // <cache>/wasmtime-<version>/code (wasmtimeCodePath)
 	opts     Options
 }
 
@@ -50,7 +50,7 @@ func (e *wasmtimeEngine) Compile(ctx context.Context, wasm []byte) (Module, erro
 	}
 	var path string
 	if e.cacheDir != "" {
-		path = filepath.Join(e.cacheDir, Key(wasm)+".cwasm")
+		path = wasmtimeCodePath(e.opts.CacheDir, Key(wasm))
 		if _, err := os.Stat(path); err == nil {
 			m, err := wasmtime.NewModuleDeserializeFile(e.engine, path)
 			if err == nil {

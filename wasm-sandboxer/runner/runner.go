@@ -36,6 +36,11 @@ const (
 
 	// BinaryName is the runner binary the daemon looks for beside its own.
 	BinaryName = "kuasar-wasm-runner"
+	// WasmtimeBinaryName is the runner without a Go runtime, for the
+	// wasmtime engine's module processes only (C, on wasmtime's C API:
+	// cmd/kuasar-wasm-runner-wasmtime). It speaks this package's "run"
+	// protocol; compiling stays with BinaryName.
+	WasmtimeBinaryName = "kuasar-wasm-runner-wasmtime"
 
 	// File descriptors of a run child: the control pipe (config line, then
 	// one byte that starts the module) and the status pipe (one JSON
@@ -119,10 +124,14 @@ type RunConfig struct {
 	CacheDir string `json:"cache_dir,omitempty"`
 	// Module is the module's host path; Rootfs the container's root
 	// filesystem, which becomes the process's root and WASI's "/".
-	Module string   `json:"module"`
-	Rootfs string   `json:"rootfs"`
-	Args   []string `json:"args"`
-	Env    []string `json:"env,omitempty"`
+	Module string `json:"module"`
+	// Compiled is the module's compiled code in the cache, for runners
+	// that do not find it themselves (kuasar-wasm-runner-wasmtime); this
+	// package's runner ignores it.
+	Compiled string   `json:"compiled,omitempty"`
+	Rootfs   string   `json:"rootfs"`
+	Args     []string `json:"args"`
+	Env      []string `json:"env,omitempty"`
 	// Stdin, Stdout and Stderr are containerd's FIFOs ("" keeps /dev/null).
 	Stdin  string   `json:"stdin,omitempty"`
 	Stdout string   `json:"stdout,omitempty"`
@@ -141,6 +150,10 @@ type Status struct {
 	Error   string `json:"error,omitempty"`
 	Invalid bool   `json:"invalid,omitempty"`
 	Cached  bool   `json:"cached,omitempty"`
+	// BadCache: the cached compiled code could not be loaded (written by
+	// another engine version or configuration, or damaged); the daemon
+	// drops the cache entry so that the next start compiles again.
+	BadCache bool `json:"bad_cache,omitempty"`
 }
 
 // releaseAfter is when a started module process releases the file pages

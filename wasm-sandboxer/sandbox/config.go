@@ -28,6 +28,11 @@ type WasmConfig struct {
 	Cache bool `toml:"cache"`
 	// CacheDir is where; default <dir>/cache.
 	CacheDir string `toml:"cache_dir"`
+	// WasmtimeGoRunner runs wasmtime containers with the Go runner
+	// (kuasar-wasm-runner) even when kuasar-wasm-runner-wasmtime (C on
+	// wasmtime's C API, no Go runtime: less memory per container) lies
+	// beside the daemon, which it otherwise does. Default false.
+	WasmtimeGoRunner bool `toml:"wasmtime_go_runner"`
 }
 
 // DefaultEngine is wasmtime when the build has it (cgo), else wazero.

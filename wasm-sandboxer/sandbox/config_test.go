@@ -19,8 +19,10 @@ func TestConfig(t *testing.T) {
 		wantErr  string
 		engine   string
 		cacheDir string
+		goRunner bool
 	}{
 		{name: "defaults", toml: "", engine: DefaultEngine(), cacheDir: "/state/cache"},
+		{name: "Go runner for wasmtime", toml: "[wasm]\nwasmtime_go_runner = true\n", engine: DefaultEngine(), cacheDir: "/state/cache", goRunner: true},
 		{name: "wazero, cache elsewhere", toml: "[wasm]\nengine = \"wazero\"\ncache_dir = \"/var/cache/wasm\"\n", engine: "wazero", cacheDir: "/var/cache/wasm"},
 		{name: "cache off", toml: "[wasm]\ncache = false\n", engine: DefaultEngine(), cacheDir: ""},
 		{name: "unknown engine", toml: "[wasm]\nengine = \"nosuch\"\n", wantErr: `wasm.engine: unknown wasm engine "nosuch"`},
@@ -53,6 +55,9 @@ func TestConfig(t *testing.T) {
 			}
 			if cfg.Wasm.Engine != tc.engine || cfg.ResolvedCacheDir("/state") != tc.cacheDir {
 				t.Errorf("engine %q cache %q; want %q %q", cfg.Wasm.Engine, cfg.ResolvedCacheDir("/state"), tc.engine, tc.cacheDir)
+			}
+			if cfg.Wasm.WasmtimeGoRunner != tc.goRunner {
+				t.Errorf("wasmtime_go_runner %v, want %v", cfg.Wasm.WasmtimeGoRunner, tc.goRunner)
 			}
 		})
 	}

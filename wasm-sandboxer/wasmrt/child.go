@@ -34,9 +34,25 @@ func runnerBinary() (string, error) {
 
 // runnerBeside returns the runner binary in self's directory, or self.
 func runnerBeside(self string) string {
-	candidate := filepath.Join(filepath.Dir(self), runner.BinaryName)
-	if fi, err := os.Stat(candidate); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+	if candidate := besideExecutable(self, runner.BinaryName); candidate != "" {
 		return candidate
 	}
 	return self
+}
+
+// wasmtimeRunnerBeside returns kuasar-wasm-runner-wasmtime in self's
+// directory (the wasmtime engine's module processes without a Go runtime),
+// or "" when it is not there.
+func wasmtimeRunnerBeside(self string) string {
+	return besideExecutable(self, runner.WasmtimeBinaryName)
+}
+
+// besideExecutable returns name in self's directory if it is an executable
+// regular file, else "".
+func besideExecutable(self, name string) string {
+	candidate := filepath.Join(filepath.Dir(self), name)
+	if fi, err := os.Stat(candidate); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+		return candidate
+	}
+	return ""
 }

@@ -30,3 +30,27 @@ func TestRunnerBeside(t *testing.T) {
 		t.Errorf("got %s, want %s", got, runnerPath)
 	}
 }
+
+// kuasar-wasm-runner-wasmtime is used when it lies, executable, beside the
+// daemon; nothing else stands in for it.
+func TestWasmtimeRunnerBeside(t *testing.T) {
+	dir := t.TempDir()
+	self := filepath.Join(dir, "wasm-sandboxer")
+	if got := wasmtimeRunnerBeside(self); got != "" {
+		t.Errorf("no runner: got %q", got)
+	}
+	p := filepath.Join(dir, runner.WasmtimeBinaryName)
+	if err := os.WriteFile(p, nil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got := wasmtimeRunnerBeside(self); got != p {
+		t.Errorf("got %q, want %s", got, p)
+	}
+	rt := &Runtime{self: self, wasmtimeRunner: p}
+	if got := rt.runnerFor("wasmtime"); got != p {
+		t.Errorf("wasmtime runs %s, want %s", got, p)
+	}
+	if got := rt.runnerFor("wazero"); got != self {
+		t.Errorf("wazero runs %s, want %s", got, self)
+	}
+}

@@ -58,13 +58,20 @@ type Config struct {
 	ContainerdAddress string
 	// ModulesDir keeps the modules read from artifacts, by digest.
 	ModulesDir string
+	// GoRunnerOnly runs wasmtime containers with the Go runner even when
+	// kuasar-wasm-runner-wasmtime (no Go runtime, less memory per
+	// container) lies beside the daemon.
+	GoRunnerOnly bool
 }
 
 // Runtime makes wasm containers.
 type Runtime struct {
 	cfg  Config
 	self string // the runner binary (see runnerBinary)
-	log  *zap.Logger
+	// wasmtimeRunner runs the wasmtime engine's module processes:
+	// kuasar-wasm-runner-wasmtime beside the daemon, or "" (self does).
+	wasmtimeRunner string
+	log            *zap.Logger
 
 	compiling sync.Map // cache key -> *sync.Mutex
 }
@@ -88,7 +95,32 @@ func New(cfg Config, log *zap.Logger) (*Runtime, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Runtime{cfg: cfg, self: self, log: log}, nil
+	rt := &Runtime{cfg: cfg, self: self, log: log}
+	if engine.Check("wasmtime") == nil {
+		exe, err := os.Executable()
+		switch {
+		case err != nil:
+			return nil, fmt.Errorf("find own executable: %w", err)
+		case cfg.GoRunnerOnly:
+			log.Info("wasmtime module processes run the Go runner (wasmtime_go_runner = true)", zap.String("runner", self))
+		default:
+			if rt.wasmtimeRunner = wasmtimeRunnerBeside(exe); rt.wasmtimeRunner != "" {
+				log.Info("wasmtime module processes run "+runner.WasmtimeBinaryName, zap.String("runner", rt.wasmtimeRunner))
+			} else {
+				log.Info(runner.WasmtimeBinaryName+" is not beside the daemon: wasmtime module processes run the Go runner",
+					zap.String("runner", self))
+			}
+		}
+	}
+	return rt, nil
+}
+
+// runnerFor is the program of a module process of engine name.
+func (rt *Runtime) runnerFor(name string) string {
+	if name == "wasmtime" && rt.wasmtimeRunner != "" {
+		return rt.wasmtimeRunner
+	}
+	return rt.self
 }
 
 // Close implements task.Runtime.
@@ -325,6 +357,11 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 	if l := c.spec.Linux; l != nil && l.Resources != nil && l.Resources.Memory != nil && l.Resources.Memory.Limit != nil && *l.Resources.Memory.Limit > 0 {
 		cfg.MemoryLimit = uint64(*l.Resources.Memory.Limit)
 	}
+	bin := rt.runnerFor(c.engine)
+	if bin != rt.self {
+		// Only the wasmtime runner reads it.
+		cfg.Compiled = engine.WasmtimeCodePath(rt.cfg.CacheDir, wasm)
+	}
 	line, err := json.Marshal(cfg)
 	if err != nil {
 		return nil, err
@@ -341,7 +378,7 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 		return nil, err
 	}
 	defer stR.Close()
-	cmd := exec.Command(rt.self)
+	cmd := exec.Command(bin)
 	// What ps shows: the container, and the module.
 	cmd.Args = []string{"kuasar-wasm", c.id, guest}
 	// One Go P from the start (see runner's maxProcs), and one worker
@@ -387,13 +424,20 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 		return nil, err
 	}
 	if st.Error != "" {
+		if st.BadCache {
+			// Compiled by another wasmtime or configuration, or damaged:
+			// the next start compiles the module again.
+			engine.Uncache(rt.cfg.CacheDir, c.engine, wasm)
+			rt.log.Warn("cached compiled module not loadable; dropped from the cache", zap.String("container", c.id),
+				zap.String("engine", c.engine), zap.String("error", st.Error))
+		}
 		if st.Invalid {
 			return nil, fmt.Errorf("%s: %w", st.Error, errdefs.ErrInvalidArgument)
 		}
 		return nil, fmt.Errorf("module process: %s", st.Error)
 	}
 	rt.log.Debug("module process ready", zap.String("container", c.id), zap.String("exec", execID),
-		zap.Int("pid", p.pid), zap.String("engine", c.engine), zap.Bool("cached", st.Cached))
+		zap.Int("pid", p.pid), zap.String("engine", c.engine), zap.String("runner", filepath.Base(bin)), zap.Bool("cached", st.Cached))
 	return p, nil
 }
 

@@ -1,6 +1,7 @@
 package wasmrt
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,6 +24,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/engine"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/runner"
 )
 
 // The runtime re-executes its binary: here, this test binary.
@@ -224,4 +226,71 @@ func children() int {
 		}
 	}
 	return n
+}
+
+// TestRuntimeWasmtimeCRunner: with kuasar-wasm-runner-wasmtime (as make
+// build leaves it in the output directory), a wasmtime container's process
+// is that binary, loads the cached code, runs the module with its args and
+// exit code; a cached file wasmtime cannot load fails Create clearly and is
+// dropped, so that the next Create compiles again.
+func TestRuntimeWasmtimeCRunner(t *testing.T) {
+	testenv.RequireRoot(t)
+	bin := testenv.Binary(runner.WasmtimeBinaryName)
+	if _, err := os.Stat(bin); err != nil || !slices.Contains(engine.Names(), "wasmtime") {
+		t.Skipf("needs wasmtime and %s (make build)", bin)
+	}
+	startReaping(t)
+	cache := t.TempDir()
+	rt, err := New(Config{Engine: "wasmtime", CacheDir: cache}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt.wasmtimeRunner = bin
+	ctx := context.Background()
+
+	run := func(args ...string) (*container, error) {
+		req, _, stdout := bundle(t, append([]string{"/app.wasm"}, args...), nil)
+		tc, err := rt.Create(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		c := tc.(*container)
+		exe, _ := os.Readlink("/proc/" + strconv.Itoa(c.Pid()) + "/exe")
+		if filepath.Base(exe) != runner.WasmtimeBinaryName {
+			t.Errorf("module process runs %s, want %s", exe, runner.WasmtimeBinaryName)
+		}
+		if _, err := c.Start(ctx, &taskAPI.StartRequest{ID: req.ID}); err != nil {
+			t.Fatal(err)
+		}
+		waitReaped(t, c.init)
+		buf := make([]byte, 64)
+		n, _ := stdout.Read(buf)
+		if got := string(buf[:n]); got != "hi\n" {
+			t.Errorf("stdout %q", got)
+		}
+		c.init.SetExited(3)
+		if _, err := c.Delete(ctx, &taskAPI.DeleteRequest{ID: req.ID}); err != nil {
+			t.Fatal(err)
+		}
+		return c, nil
+	}
+	if _, err := run("echo", "hi", "exit", "3"); err != nil {
+		t.Fatal(err)
+	}
+	code, _ := filepath.Glob(filepath.Join(cache, "wasmtime-*", "code", "*.cwasm"))
+	if len(code) != 1 {
+		t.Fatalf("cached code: %v, want one file", code)
+	}
+	if err := os.WriteFile(code[0], bytes.Repeat([]byte{0x5a}, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run("echo", "hi", "exit", "3"); err == nil || !strings.Contains(err.Error(), "cannot load the compiled module "+code[0]) {
+		t.Errorf("Create with a bad cached module: %v", err)
+	}
+	if _, err := os.Stat(code[0]); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the bad cached module was not dropped: %v", err)
+	}
+	if _, err := run("echo", "hi", "exit", "3"); err != nil {
+		t.Errorf("Create after the bad cached module was dropped: %v", err)
+	}
 }

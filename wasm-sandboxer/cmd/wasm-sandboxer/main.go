@@ -30,6 +30,7 @@ func main() {
 			// content store (wasm OCI artifacts).
 			ContainerdAddress: strings.TrimSuffix(base.Flags.ContainerdAddress, ".ttrpc"),
 			ModulesDir:        filepath.Join(base.Flags.Dir, "modules"),
+			GoRunnerOnly:      cfg.Wasm.WasmtimeGoRunner,
 		}, base.Log.Named("wasm"))
 	})
 }

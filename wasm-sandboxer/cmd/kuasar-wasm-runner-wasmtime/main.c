@@ -1,0 +1,595 @@
+// kuasar-wasm-runner-wasmtime is a wasm container's process for the
+// wasmtime engine, without a Go runtime: wasmtime's C API (the static
+// library that wasmtime-go ships in its Go module) and libc only. The daemon
+// (wasm-sandboxer, package wasmrt) starts it, when it lies beside the daemon,
+// exactly as it starts kuasar-wasm-runner in "run" mode (package runner):
+//
+//   - fd 3, the control pipe: one JSON line (runner.RunConfig), then one
+//     byte that starts the module (EOF instead: deleted unstarted, exit 1);
+//   - fd 4, the status pipe: one JSON object (runner.Status) once the module
+//     is instantiated and ready, or why it is not, then closed;
+//   - stdio: /dev/null unless the config names containerd's FIFOs, which the
+//     process opens itself (30 s at most) onto fds 0, 1, 2.
+//
+// It loads the module's code that the daemon's compile child stored in the
+// cache ("compiled": <cache>/wasmtime-v39.0.1/code/<sha256>.cwasm) with
+// wasmtime_module_deserialize_file, which maps the file: the code pages are
+// shared by every container of the module. The engine has wasmtime's default
+// configuration, the one the daemon compiles with (wasmtime-go's
+// NewConfig); code compiled by another wasmtime version or configuration is
+// refused by wasmtime, reported with "bad_cache" so that the daemon drops the
+// entry (the next start compiles again). Without "compiled" (no cache, or a
+// cache file gone) it compiles the module itself, as the Go runner does.
+//
+// Exit status: proc_exit's code; 0 when _start returns; 134 after a trap
+// (printed on stderr as "wasm-sandboxer: wasm trap: ..."); 1 when it could
+// not get ready. No signal handler of its own: SIGTERM and SIGKILL end it.
+// It is not meant to be run by hand.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <malloc.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <wasi.h>
+#include <wasm.h>
+#include <wasmtime.h>
+
+#define CONTROL_FD 3
+#define STATUS_FD 4
+#define EXIT_TRAP 134
+#define OPEN_TIMEOUT_S 30
+#define RELEASE_AFTER_S 1
+
+// ---- the configuration (runner.RunConfig) -----------------------------
+
+struct strv {
+	char **v;
+	size_t n;
+};
+
+struct config {
+	char *engine, *module, *compiled, *rootfs;
+	char *stdin_path, *stdout_path, *stderr_path, *hostname;
+	struct strv args, env;
+	uint32_t uid, gid;
+	gid_t *groups;
+	size_t ngroups;
+	uint64_t memory_limit;
+};
+
+// A JSON reader for the flat object the daemon writes (encoding/json).
+struct json {
+	const char *p, *end;
+	int err;
+};
+
+static void ws(struct json *j) {
+	while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
+		j->p++;
+}
+
+static int expect(struct json *j, char c) {
+	ws(j);
+	if (j->p < j->end && *j->p == c) {
+		j->p++;
+		return 1;
+	}
+	j->err = 1;
+	return 0;
+}
+
+static int peek(struct json *j, char c) {
+	ws(j);
+	return j->p < j->end && *j->p == c;
+}
+
+static int hex4(const char *s, unsigned *out) {
+	unsigned v = 0;
+	for (int i = 0; i < 4; i++) {
+		char c = s[i];
+		v <<= 4;
+		if (c >= '0' && c <= '9') v |= c - '0';
+		else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
+		else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10;
+		else return 0;
+	}
+	*out = v;
+	return 1;
+}
+
+static char *utf8(char *o, unsigned cp) {
+	if (cp < 0x80) *o++ = cp;
+	else if (cp < 0x800) { *o++ = 0xc0 | cp >> 6; *o++ = 0x80 | (cp & 0x3f); }
+	else if (cp < 0x10000) { *o++ = 0xe0 | cp >> 12; *o++ = 0x80 | ((cp >> 6) & 0x3f); *o++ = 0x80 | (cp & 0x3f); }
+	else { *o++ = 0xf0 | cp >> 18; *o++ = 0x80 | ((cp >> 12) & 0x3f); *o++ = 0x80 | ((cp >> 6) & 0x3f); *o++ = 0x80 | (cp & 0x3f); }
+	return o;
+}
+
+// str reads a string (or null, as NULL). A NUL inside is an error: C
+// strings cannot carry it.
+static char *str(struct json *j) {
+	ws(j);
+	if (j->end - j->p >= 4 && memcmp(j->p, "null", 4) == 0) {
+		j->p += 4;
+		return NULL;
+	}
+	if (!expect(j, '"')) return NULL;
+	const char *s = j->p;
+	while (j->p < j->end && *j->p != '"') {
+		if (*j->p == '\\') j->p++;
+		j->p++;
+	}
+	if (j->p >= j->end) { j->err = 1; return NULL; }
+	char *out = malloc(j->p - s + 1), *o = out;
+	if (!out) { j->err = 1; return NULL; }
+	for (const char *q = s; q < j->p; q++) {
+		if (*q != '\\') { *o++ = *q; continue; }
+		q++;
+		switch (*q) {
+		case '"': case '\\': case '/': *o++ = *q; break;
+		case 'b': *o++ = '\b'; break;
+		case 'f': *o++ = '\f'; break;
+		case 'n': *o++ = '\n'; break;
+		case 'r': *o++ = '\r'; break;
+		case 't': *o++ = '\t'; break;
+		case 'u': {
+			unsigned cp, lo;
+			if (j->p - q < 5 || !hex4(q + 1, &cp)) { j->err = 1; break; }
+			q += 4;
+			if (cp >= 0xd800 && cp < 0xdc00 && j->p - q >= 7 && q[1] == '\\' && q[2] == 'u' &&
+			    hex4(q + 3, &lo) && lo >= 0xdc00 && lo < 0xe000) {
+				cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+				q += 6;
+			} else if (cp >= 0xd800 && cp < 0xe000) {
+				cp = 0xfffd;
+			}
+			if (cp == 0) { j->err = 1; break; }
+			o = utf8(o, cp);
+			break;
+		}
+		default: j->err = 1;
+		}
+	}
+	*o = 0;
+	j->p++; // closing quote
+	return out;
+}
+
+static uint64_t num(struct json *j) {
+	ws(j);
+	uint64_t v = 0;
+	const char *s = j->p;
+	while (j->p < j->end && *j->p >= '0' && *j->p <= '9') v = v * 10 + (*j->p++ - '0');
+	if (j->p == s) j->err = 1;
+	return v;
+}
+
+// skip passes over any value (keys this runner does not use).
+static void skip(struct json *j) {
+	ws(j);
+	if (j->p >= j->end) { j->err = 1; return; }
+	if (*j->p == '"') { free(str(j)); return; }
+	if (*j->p == '[' || *j->p == '{') {
+		char close = *j->p == '[' ? ']' : '}';
+		j->p++;
+		if (peek(j, close)) { j->p++; return; }
+		for (;;) {
+			if (close == '}') { free(str(j)); expect(j, ':'); }
+			skip(j);
+			if (j->err) return;
+			if (peek(j, ',')) { j->p++; continue; }
+			expect(j, close);
+			return;
+		}
+	}
+	while (j->p < j->end && !strchr(",]} \t\r\n", *j->p)) j->p++;
+}
+
+static struct strv strs(struct json *j) {
+	struct strv sv = {0};
+	ws(j);
+	if (j->end - j->p >= 4 && memcmp(j->p, "null", 4) == 0) { j->p += 4; return sv; }
+	if (!expect(j, '[')) return sv;
+	if (peek(j, ']')) { j->p++; return sv; }
+	for (;;) {
+		char *s = str(j);
+		if (j->err || !s) { j->err = 1; return sv; }
+		char **nv = realloc(sv.v, (sv.n + 2) * sizeof *nv);
+		if (!nv) { j->err = 1; return sv; }
+		sv.v = nv;
+		sv.v[sv.n++] = s;
+		sv.v[sv.n] = NULL;
+		if (peek(j, ',')) { j->p++; continue; }
+		expect(j, ']');
+		return sv;
+	}
+}
+
+static int parse_config(const char *line, size_t len, struct config *c) {
+	struct json j = {line, line + len, 0};
+	memset(c, 0, sizeof *c);
+	if (!expect(&j, '{')) return -1;
+	if (peek(&j, '}')) return 0;
+	for (;;) {
+		char *k = str(&j);
+		if (j.err || !k || !expect(&j, ':')) { free(k); return -1; }
+		if (!strcmp(k, "engine")) c->engine = str(&j);
+		else if (!strcmp(k, "module")) c->module = str(&j);
+		else if (!strcmp(k, "compiled")) c->compiled = str(&j);
+		else if (!strcmp(k, "rootfs")) c->rootfs = str(&j);
+		else if (!strcmp(k, "stdin")) c->stdin_path = str(&j);
+		else if (!strcmp(k, "stdout")) c->stdout_path = str(&j);
+		else if (!strcmp(k, "stderr")) c->stderr_path = str(&j);
+		else if (!strcmp(k, "hostname")) c->hostname = str(&j);
+		else if (!strcmp(k, "args")) c->args = strs(&j);
+		else if (!strcmp(k, "env")) c->env = strs(&j);
+		else if (!strcmp(k, "uid")) c->uid = num(&j);
+		else if (!strcmp(k, "gid")) c->gid = num(&j);
+		else if (!strcmp(k, "memory_limit")) c->memory_limit = num(&j);
+		else if (!strcmp(k, "groups")) {
+			if (peek(&j, '[')) {
+				j.p++;
+				while (!j.err && !peek(&j, ']')) {
+					gid_t *ng = realloc(c->groups, (c->ngroups + 1) * sizeof *ng);
+					if (!ng) return -1;
+					c->groups = ng;
+					c->groups[c->ngroups++] = num(&j);
+					if (peek(&j, ',')) j.p++;
+					else if (!peek(&j, ']')) j.err = 1;
+				}
+				expect(&j, ']');
+			} else skip(&j);
+		} else skip(&j);
+		free(k);
+		if (j.err) return -1;
+		if (peek(&j, ',')) { j.p++; continue; }
+		return expect(&j, '}') ? 0 : -1;
+	}
+}
+
+// ---- the status (runner.Status) -----------------------------------------
+
+static void json_str(FILE *f, const char *s) {
+	fputc('"', f);
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		if (*p == '"' || *p == '\\') fprintf(f, "\\%c", *p);
+		else if (*p < 0x20) fprintf(f, "\\u%04x", *p);
+		else fputc(*p, f);
+	}
+	fputc('"', f);
+}
+
+static int reported;
+
+// report writes the status and closes the pipe. err NULL: ready.
+static void report(const char *err, int invalid, int bad_cache, int cached) {
+	if (reported) return;
+	reported = 1;
+	FILE *f = fdopen(STATUS_FD, "w");
+	if (!f) { close(STATUS_FD); return; }
+	fputc('{', f);
+	if (err) {
+		fputs("\"error\":", f);
+		json_str(f, err);
+		if (invalid) fputs(",\"invalid\":true", f);
+		if (bad_cache) fputs(",\"bad_cache\":true", f);
+	} else if (cached) {
+		fputs("\"cached\":true", f);
+	}
+	fputs("}\n", f);
+	fclose(f);
+}
+
+static int fail(int invalid, int bad_cache, const char *fmt, ...) {
+	char buf[4096];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	report(buf, invalid, bad_cache, 0);
+	return 1;
+}
+
+// A wasmtime error's message, in buf (the error is deleted).
+static const char *errmsg(wasmtime_error_t *e, wasm_trap_t *t, char *buf, size_t size) {
+	wasm_byte_vec_t m = {0};
+	if (e) {
+		wasmtime_error_message(e, &m);
+		wasmtime_error_delete(e);
+	} else if (t) {
+		wasm_trap_message(t, &m);
+		wasm_trap_delete(t);
+	}
+	size_t n = m.size;
+	if (n > 0 && m.data[n - 1] == 0) n--; // trap messages end with NUL
+	if (n >= size) n = size - 1;
+	if (n) memcpy(buf, m.data, n);
+	buf[n] = 0;
+	if (m.data) wasm_byte_vec_delete(&m);
+	return buf;
+}
+
+// ---- stdio ------------------------------------------------------------
+
+static void on_alarm(int sig) { (void)sig; }
+
+// open_fifo opens containerd's FIFO onto fd, waiting at most
+// OPEN_TIMEOUT_S for its other end (an open of a FIFO blocks until then).
+static int open_fifo(const char *path, int flags, int fd) {
+	struct sigaction sa = {0}, old;
+	sa.sa_handler = on_alarm; // no SA_RESTART: open returns EINTR
+	sigaction(SIGALRM, &sa, &old);
+	alarm(OPEN_TIMEOUT_S);
+	int f = open(path, flags | O_CLOEXEC);
+	int saved = errno;
+	alarm(0);
+	sigaction(SIGALRM, &old, NULL);
+	if (f < 0) {
+		errno = saved == EINTR ? ETIMEDOUT : saved;
+		return -1;
+	}
+	if (f != fd) {
+		if (dup2(f, fd) < 0) { saved = errno; close(f); errno = saved; return -1; }
+		close(f);
+	}
+	return 0;
+}
+
+// ---- releasing start-up file pages (runner/release_linux.go) ----------
+
+// release drops, from this process's page tables only, the private,
+// read-only, never-written file mappings that starting faulted in (the
+// binary's text, the compiled module's code): the pages stay in the page
+// cache and come back on access. See releaseStartupPages in package runner.
+static void release(int procfd) {
+	if (procfd < 0) return;
+	int fd = openat(procfd, "smaps", O_RDONLY | O_CLOEXEC);
+	if (fd < 0) return;
+	enum { MAXR = 128 };
+	uintptr_t rs[MAXR], re[MAXR];
+	int n = 0, have = 0, dirty = 0;
+	uintptr_t cs = 0, ce = 0;
+	char buf[8192], line[512];
+	size_t ll = 0;
+	ssize_t got;
+	int done = 0;
+	while (!done) {
+		got = read(fd, buf, sizeof buf);
+		if (got <= 0) { done = 1; got = 0; if (ll == 0) break; buf[got++] = '\n'; }
+		for (ssize_t i = 0; i < got; i++) {
+			if (buf[i] != '\n') {
+				if (ll < sizeof line - 1) line[ll++] = buf[i];
+				continue;
+			}
+			line[ll] = 0;
+			char *sp = strchr(line, ' ');
+			if (sp && sp > line && sp[-1] == ':') {
+				if (have && (!strncmp(line, "Anonymous:", 10) || !strncmp(line, "Swap:", 5))) {
+					char *v = sp;
+					while (*v == ' ') v++;
+					if (strncmp(v, "0 kB", 4) != 0) dirty = 1;
+				}
+			} else if (sp) {
+				if (have && !dirty && n < MAXR) { rs[n] = cs; re[n] = ce; n++; }
+				have = dirty = 0;
+				const char *perm = sp + 1;
+				if (strlen(perm) >= 5 && perm[4] == ' ' && perm[1] != 'w' && perm[3] == 'p' && strchr(perm, '/')) {
+					char *e;
+					unsigned long lo = strtoul(line, &e, 16), hi;
+					if (*e == '-') {
+						hi = strtoul(e + 1, &e, 16);
+						if (e == sp && hi > lo) { cs = lo; ce = hi; have = 1; }
+					}
+				}
+			}
+			ll = 0;
+		}
+	}
+	if (have && !dirty && n < MAXR) { rs[n] = cs; re[n] = ce; n++; }
+	close(fd);
+	for (int i = 0; i < n; i++) madvise((void *)rs[i], re[i] - rs[i], MADV_DONTNEED);
+}
+
+static void *release_later(void *arg) {
+	sleep(RELEASE_AFTER_S);
+	release((int)(intptr_t)arg);
+	return NULL;
+}
+
+// ---- main -------------------------------------------------------------
+
+static char *read_line(int fd, size_t *len) {
+	size_t cap = 4096, n = 0;
+	char *b = malloc(cap);
+	while (b) {
+		if (n == cap) {
+			char *nb = realloc(b, cap *= 2);
+			if (!nb) { free(b); return NULL; }
+			b = nb;
+		}
+		ssize_t r = read(fd, b + n, 1);
+		if (r < 0 && errno == EINTR) continue;
+		if (r <= 0) { free(b); return NULL; }
+		if (b[n] == '\n') { *len = n; return b; }
+		n++;
+	}
+	return NULL;
+}
+
+static int read_file(const char *path, uint8_t **data, size_t *len) {
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) return -1;
+	struct stat st;
+	if (fstat(fd, &st) < 0) { close(fd); return -1; }
+	*data = malloc(st.st_size ? st.st_size : 1);
+	size_t n = 0;
+	while (*data && n < (size_t)st.st_size) {
+		ssize_t r = read(fd, *data + n, st.st_size - n);
+		if (r < 0 && errno == EINTR) continue;
+		if (r <= 0) break;
+		n += r;
+	}
+	close(fd);
+	*len = n;
+	return *data ? 0 : -1;
+}
+
+int main(int argc, char **argv) {
+	(void)argc;
+	(void)argv;
+	const char *mode = getenv("KUASAR_GO_WASM_CHILD");
+	if (!mode || strcmp(mode, "run") != 0) {
+		fprintf(stderr, "kuasar-wasm-runner-wasmtime runs wasm-sandboxer's wasmtime module processes; it is started by wasm-sandboxer\n");
+		return 2;
+	}
+	// One malloc arena (the module runs on one thread; wasmtime's WASI
+	// adds one tokio worker), and free memory at the top of the heap goes
+	// back to the kernel: -0.06 MiB per container.
+	mallopt(M_ARENA_MAX, 1);
+	mallopt(M_TOP_PAD, 0);
+	mallopt(M_TRIM_THRESHOLD, 0);
+	size_t len;
+	char *line = read_line(CONTROL_FD, &len);
+	if (!line) return fail(0, 0, "read config: %s", errno ? strerror(errno) : "EOF");
+	struct config cfg;
+	if (parse_config(line, len, &cfg) < 0) return fail(0, 0, "decode config: malformed JSON");
+	free(line);
+	if (cfg.engine && strcmp(cfg.engine, "wasmtime") != 0)
+		return fail(0, 0, "kuasar-wasm-runner-wasmtime runs the wasmtime engine only, not %s", cfg.engine);
+	if (!cfg.rootfs || !cfg.module) return fail(0, 0, "decode config: no module or rootfs");
+
+	int procfd = open("/proc/self", O_RDONLY | O_DIRECTORY | O_CLOEXEC); // before the chroot
+
+	const char *paths[3] = {cfg.stdin_path, cfg.stdout_path, cfg.stderr_path};
+	const int flags[3] = {O_RDONLY, O_WRONLY, O_WRONLY};
+	for (int i = 0; i < 3; i++) {
+		if (paths[i] && *paths[i] && open_fifo(paths[i], flags[i], i) < 0)
+			return fail(0, 0, "open %s: %s", paths[i], strerror(errno));
+	}
+
+	// wasmtime's default configuration: the daemon's compile child uses
+	// wasmtime-go's NewConfig, which is wasm_config_new as well.
+	wasm_engine_t *engine = wasm_engine_new_with_config(wasm_config_new());
+	if (!engine) return fail(0, 0, "wasmtime: cannot create the engine");
+	wasmtime_module_t *module = NULL;
+	wasmtime_error_t *err;
+	char msg[2048];
+	int cached = 0;
+	struct stat st;
+	if (cfg.compiled && *cfg.compiled && stat(cfg.compiled, &st) == 0) {
+		err = wasmtime_module_deserialize_file(engine, cfg.compiled, &module);
+		if (err)
+			return fail(0, 1,
+				    "wasmtime: cannot load the compiled module %s from the cache: %s "
+				    "(kuasar-wasm-runner-wasmtime must be built with the daemon's wasmtime, v39.0.1, and its settings)",
+				    cfg.compiled, errmsg(err, NULL, msg, sizeof msg));
+		cached = 1;
+	} else {
+		uint8_t *wasm;
+		size_t n;
+		if (read_file(cfg.module, &wasm, &n) < 0) return fail(0, 0, "open %s: %s", cfg.module, strerror(errno));
+		if (n < 8 || memcmp(wasm, "\0asm", 4) != 0) return fail(1, 0, "invalid wasm module: no \\0asm header");
+		err = wasmtime_module_new(engine, wasm, n, &module);
+		free(wasm);
+		if (err) return fail(1, 0, "invalid wasm module: %s", errmsg(err, NULL, msg, sizeof msg));
+	}
+
+	// The module sees the rootfs only.
+	if (chroot(cfg.rootfs) < 0) return fail(0, 0, "chroot %s: %s", cfg.rootfs, strerror(errno));
+	if (chdir("/") < 0) return fail(0, 0, "chdir /: %s", strerror(errno));
+	if (cfg.hostname && *cfg.hostname && sethostname(cfg.hostname, strlen(cfg.hostname)) < 0)
+		return fail(0, 0, "set hostname: %s", strerror(errno));
+	if (cfg.uid || cfg.gid || cfg.ngroups) {
+		if (setgroups(cfg.ngroups, cfg.groups) < 0) return fail(0, 0, "setgroups: %s", strerror(errno));
+		if (setgid(cfg.gid) < 0) return fail(0, 0, "setgid %u: %s", cfg.gid, strerror(errno));
+		if (setuid(cfg.uid) < 0) return fail(0, 0, "setuid %u: %s", cfg.uid, strerror(errno));
+	}
+
+	wasmtime_linker_t *linker = wasmtime_linker_new(engine);
+	if ((err = wasmtime_linker_define_wasi(linker)))
+		return fail(0, 0, "wasmtime: define WASI: %s", errmsg(err, NULL, msg, sizeof msg));
+	wasmtime_store_t *store = wasmtime_store_new(engine, NULL, NULL);
+	wasmtime_context_t *ctx = wasmtime_store_context(store);
+	if (cfg.memory_limit > 0) wasmtime_store_limiter(store, (int64_t)cfg.memory_limit, -1, -1, -1, -1);
+
+	wasi_config_t *wasi = wasi_config_new();
+	if (!wasi_config_set_argv(wasi, cfg.args.n, (const char **)cfg.args.v))
+		return fail(0, 0, "wasmtime: WASI arguments");
+	const char **keys = calloc(cfg.env.n + 1, sizeof *keys), **vals = calloc(cfg.env.n + 1, sizeof *vals);
+	for (size_t i = 0; i < cfg.env.n; i++) {
+		char *eq = strchr(cfg.env.v[i], '=');
+		keys[i] = cfg.env.v[i];
+		vals[i] = "";
+		if (eq) { *eq = 0; vals[i] = eq + 1; }
+	}
+	if (!wasi_config_set_env(wasi, cfg.env.n, keys, vals)) return fail(0, 0, "wasmtime: WASI environment");
+	wasi_config_inherit_stdin(wasi);
+	wasi_config_inherit_stdout(wasi);
+	wasi_config_inherit_stderr(wasi);
+	if (!wasi_config_preopen_dir(wasi, "/", "/", WASMTIME_WASI_DIR_PERMS_READ | WASMTIME_WASI_DIR_PERMS_WRITE,
+				     WASMTIME_WASI_FILE_PERMS_READ | WASMTIME_WASI_FILE_PERMS_WRITE))
+		return fail(0, 0, "wasmtime: pre-open %s: failed to preopen directory", cfg.rootfs);
+	if ((err = wasmtime_context_set_wasi(ctx, wasi)))
+		return fail(0, 0, "wasmtime: WASI: %s", errmsg(err, NULL, msg, sizeof msg));
+	free(keys);
+	free(vals);
+
+	wasmtime_instance_t instance;
+	wasm_trap_t *trap = NULL;
+	err = wasmtime_linker_instantiate(linker, ctx, module, &instance, &trap);
+	if (err || trap) return fail(1, 0, "cannot instantiate wasm module: %s", errmsg(err, trap, msg, sizeof msg));
+	wasmtime_extern_t start;
+	if (!wasmtime_instance_export_get(ctx, &instance, "_start", 6, &start) || start.kind != WASMTIME_EXTERN_FUNC)
+		return fail(1, 0, "cannot instantiate wasm module: the module exports no _start (not a WASI command)");
+
+	report(NULL, 0, 0, cached);
+	// What loading and instantiating left: file pages out of the page
+	// tables, free heap back to the kernel, while the process waits.
+	release(procfd);
+	malloc_trim(0);
+
+	// Created: wait for Start; EOF means deleted unstarted.
+	char b;
+	ssize_t r;
+	while ((r = read(CONTROL_FD, &b, 1)) < 0 && errno == EINTR)
+		;
+	if (r != 1) return 1;
+	close(CONTROL_FD);
+	if (procfd >= 0) {
+		// Once more when the module has initialised itself.
+		pthread_attr_t at;
+		pthread_t th;
+		pthread_attr_init(&at);
+		pthread_attr_setstacksize(&at, 64 << 10);
+		pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+		pthread_create(&th, &at, release_later, (void *)(intptr_t)procfd);
+		pthread_attr_destroy(&at);
+	}
+
+	trap = NULL;
+	err = wasmtime_func_call(ctx, &start.of.func, NULL, 0, NULL, 0, &trap);
+	if (err) {
+		int status;
+		if (wasmtime_error_exit_status(err, &status)) {
+			wasmtime_error_delete(err);
+			exit(status);
+		}
+	}
+	if (err || trap) {
+		fprintf(stderr, "wasm-sandboxer: wasm trap: %s\n", errmsg(err, trap, msg, sizeof msg));
+		exit(EXIT_TRAP);
+	}
+	exit(0);
+}
