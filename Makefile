@@ -37,6 +37,10 @@ build:
 	done
 	@# PID 1 of every runc/wasm pod, found beside the sandboxer binary.
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $(BIN)/kuasar-holder ./shared/cmd/kuasar-holder
+	@# What containerd looks for, by runtime name, to reload the sandboxers'
+	@# tasks after its own restart (not a shim; see its doc comment).
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $(BIN)/containerd-shim-kuasar-v1 ./shared/cmd/containerd-shim-kuasar-v1
+	@for s in $(SANDBOXERS); do ln -sf containerd-shim-kuasar-v1 $(BIN)/containerd-shim-kuasar-$$s-v1; done
 	@# wasm-sandboxer's module processes, found beside it (cgo: wasmtime).
 	CGO_ENABLED=1 $(GO) build -trimpath -ldflags '-s -w' -o $(BIN)/kuasar-wasm-runner ./wasm-sandboxer/cmd/kuasar-wasm-runner
 	@# The wasmtime engine's module processes without a Go runtime: C on

@@ -8,6 +8,9 @@
 #   _output/bin/kuasar-holder (runc, wasm, quark) -> DESTDIR PREFIX/bin/kuasar-holder (0755)
 #   _output/bin/kuasar-wasm-runner (wasm)  -> DESTDIR PREFIX/bin/kuasar-wasm-runner    (0755)
 #   _output/bin/kuasar-wasm-runner-wasmtime (wasm) -> DESTDIR PREFIX/bin/kuasar-wasm-runner-wasmtime (0755)
+#   _output/bin/containerd-shim-kuasar-v1 -> DESTDIR PREFIX/bin/containerd-shim-kuasar-v1 (0755)
+#     and the link PREFIX/bin/containerd-shim-kuasar-NAME-v1 to it, which containerd
+#     looks up by runtime name to reload the sandboxer's tasks after its restart
 #   deploy/systemd/NAME-sandboxer.service -> DESTDIR/etc/systemd/system/              (0644)
 #   deploy/config/NAME-sandboxer.toml     -> DESTDIR/etc/kuasar-go/  never overwritten (0644)
 #   deploy/containerd/NAME-sandboxer.toml -> DESTDIR/etc/containerd/conf.d/            (0644)
@@ -98,6 +101,10 @@ uses_holder() {
 # wasmtime's run kuasar-wasm-runner-wasmtime (C, no Go runtime) beside it.
 WASM_RUNNER=kuasar-wasm-runner
 WASM_RUNNERS=("$WASM_RUNNER" kuasar-wasm-runner-wasmtime)
+# containerd reloads a task after its own restart only when it finds a
+# binary by the task's runtime name: one stub, one link per sandboxer.
+SHIM_STUB=containerd-shim-kuasar-v1
+shim_link() { echo "containerd-shim-kuasar-$1-v1"; }
 # vmm-sandboxer's pods boot this guest image, where its config's defaults
 # ([guest] kernel, initrd) look for it: a fixed path, whatever the prefix.
 src_guest() { echo "$OUTPUT/guest"; }
@@ -182,6 +189,23 @@ remove() {
 	echo "removed    $dest"
 }
 
+# link TARGET DEST: make DEST a symbolic link to TARGET (a name in the same
+# directory).
+link() {
+	local target=$1 dest=$2
+	if [ -L "$dest" ] && [ "$(readlink "$dest")" = "$target" ]; then
+		echo "unchanged  $dest -> $target"
+		return 0
+	fi
+	if [ "$DRY_RUN" = 1 ]; then
+		echo "would link $dest -> $target"
+		return 0
+	fi
+	mkdir -p "$(dirname "$dest")"
+	ln -sfn "$target" "$dest" || die "cannot link $dest"
+	echo "linked     $dest -> $target"
+}
+
 # remove_empty_dir DIR: delete a directory the installer made, if it is
 # there and empty.
 remove_empty_dir() {
@@ -218,12 +242,14 @@ do_install() {
 		if uses_holder "$name" && [ ! -f "$OUTPUT/bin/$HOLDER" ]; then
 			missing+=("$OUTPUT/bin/$HOLDER")
 		fi
+
 		if [ "$name" = wasm ]; then
 			for f in "${WASM_RUNNERS[@]}"; do
 				[ -f "$OUTPUT/bin/$f" ] || missing+=("$OUTPUT/bin/$f")
 			done
 		fi
 	done
+	[ -f "$OUTPUT/bin/$SHIM_STUB" ] || missing+=("$OUTPUT/bin/$SHIM_STUB")
 	for f in "${missing[@]+"${missing[@]}"}" "${missing_guest[@]+"${missing_guest[@]}"}"; do
 		echo "install.sh: missing $f" >&2
 	done
@@ -242,6 +268,8 @@ do_install() {
 		sed "s|/usr/local/bin/|$BINDIR/|g" "$(src_unit "$name")" >"$unit"
 
 		put "$(src_bin "$name")" "$DESTDIR$BINDIR/$name-sandboxer" 755
+		put "$OUTPUT/bin/$SHIM_STUB" "$DESTDIR$BINDIR/$SHIM_STUB" 755
+		link "$SHIM_STUB" "$DESTDIR$BINDIR/$(shim_link "$name")"
 		if uses_holder "$name"; then
 			put "$OUTPUT/bin/$HOLDER" "$DESTDIR$BINDIR/$HOLDER" 755
 		fi
@@ -309,6 +337,7 @@ do_uninstall() {
 		remove "$DESTDIR$UNITDIR/$name-sandboxer.service"
 		remove "$DESTDIR$DROPINDIR/$name-sandboxer.toml"
 		remove "$DESTDIR$BINDIR/$name-sandboxer"
+		remove "$DESTDIR$BINDIR/$(shim_link "$name")"
 		if [ "$name" = wasm ]; then
 			for f in "${WASM_RUNNERS[@]}"; do
 				remove "$DESTDIR$BINDIR/$f"
@@ -333,6 +362,14 @@ do_uninstall() {
 	done
 	if [ "$still" = 0 ]; then
 		remove "$DESTDIR$BINDIR/$HOLDER"
+	fi
+	# So does the stub, with the last sandboxer.
+	still=0
+	for u in "${KNOWN[@]}"; do
+		[ -e "$DESTDIR$BINDIR/$u-sandboxer" ] && still=1
+	done
+	if [ "$still" = 0 ]; then
+		remove "$DESTDIR$BINDIR/$SHIM_STUB"
 	fi
 	if live_systemd; then
 		run systemctl daemon-reload

@@ -43,6 +43,7 @@ var guestFiles = map[string][]string{"vmm": {"vmlinuz", "initramfs.img"}}
 // recognisable contents.
 func fakeOutput(t *testing.T, output string, families ...string) {
 	t.Helper()
+	copyExecutable(t, filepath.Join(output, "bin", shimStub))
 	for _, family := range families {
 		copyExecutable(t, filepath.Join(output, "bin", family+"-sandboxer"))
 		if usesHolder[family] {
@@ -68,6 +69,10 @@ func writeGuestFile(t *testing.T, path string) {
 	}
 }
 
+// shimStub is what containerd finds, by each sandboxer's runtime name
+// (a link to it), to reload their tasks after its restart.
+const shimStub = "containerd-shim-kuasar-v1"
+
 // installedFiles are the files installing family under --prefix /opt/kg
 // puts into DESTDIR, with their modes.
 func installedFiles(family string) map[string]os.FileMode {
@@ -77,6 +82,7 @@ func installedFiles(family string) map[string]os.FileMode {
 		"etc/systemd/system/" + name + ".service": 0o644,
 		"etc/kuasar-go/" + name + ".toml":         0o644,
 		"etc/containerd/conf.d/" + name + ".toml": 0o644,
+		"opt/kg/bin/" + shimStub:                  0o755,
 	}
 	if usesHolder[family] {
 		files["opt/kg/bin/kuasar-holder"] = 0o755
@@ -263,6 +269,10 @@ func TestInstallScript(t *testing.T) {
 				t.Errorf("no hint about containerd's imports line:\n%s", out)
 			}
 			checkInstalled(t, dest, files)
+			// containerd looks the stub up by the runtime name in the drop-in.
+			if target, err := os.Readlink(filepath.Join(dest, "opt/kg/bin/containerd-shim-kuasar-"+family+"-v1")); err != nil || target != shimStub {
+				t.Errorf("runtime-name link: %q, %v; want a link to %s", target, err, shimStub)
+			}
 			for _, g := range guestFiles[family] {
 				if got, want := readFile(t, filepath.Join(dest, guestDir, g)), readFile(t, filepath.Join(output, "guest", g)); !bytes.Equal(got, want) {
 					t.Errorf("installed %s differs from the build output's", g)
@@ -429,7 +439,7 @@ func TestInstallAll(t *testing.T) {
 // kuasar-holder stays while another sandboxer that uses it is installed.
 func TestUninstallKeepsSharedHolder(t *testing.T) {
 	output := t.TempDir()
-	for _, f := range []string{"runc-sandboxer", "wasm-sandboxer", "kuasar-holder", "kuasar-wasm-runner", "kuasar-wasm-runner-wasmtime"} {
+	for _, f := range []string{"runc-sandboxer", "wasm-sandboxer", "kuasar-holder", "kuasar-wasm-runner", "kuasar-wasm-runner-wasmtime", shimStub} {
 		copyExecutable(t, filepath.Join(output, "bin", f))
 	}
 	dest := t.TempDir()
@@ -450,5 +460,8 @@ func TestUninstallKeepsSharedHolder(t *testing.T) {
 	}
 	if _, err := os.Stat(runnerPath); err == nil {
 		t.Error("kuasar-wasm-runner stayed after wasm was uninstalled")
+	}
+	if _, err := os.Lstat(filepath.Join(dest, "opt/kg/bin", shimStub)); err == nil {
+		t.Errorf("%s stayed after the last sandboxer was uninstalled", shimStub)
 	}
 }

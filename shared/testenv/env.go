@@ -532,6 +532,18 @@ func (e *Env) daemon(name string) *daemon {
 // the test's to check.
 func (e *Env) RestartSandboxer(t testing.TB, name string, down time.Duration) {
 	t.Helper()
+	e.restartDaemon(t, name, down, func() error { return e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second) })
+}
+
+// RestartContainerd stops containerd with SIGTERM (the sandboxers and
+// their pods go on) and starts it again on the same root, returning once
+// CRI serves.
+func (e *Env) RestartContainerd(t testing.TB) {
+	t.Helper()
+	e.restartDaemon(t, "containerd", 0, func() error { return e.waitCRIReady(60 * time.Second) })
+}
+
+func (e *Env) restartDaemon(t testing.TB, name string, down time.Duration, ready func() error) {
 	d := e.daemon(name)
 	if d == nil {
 		t.Fatalf("testenv: no daemon %s", name)
@@ -547,7 +559,7 @@ func (e *Env) RestartSandboxer(t testing.TB, name string, down time.Duration) {
 	if err := e.startDaemon(name, d.cmd.Path, d.args, d.env); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second); err != nil {
+	if err := ready(); err != nil {
 		t.Fatal(err)
 	}
 	// The new instance replaces one that leak checks knew.
