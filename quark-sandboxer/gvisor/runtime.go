@@ -17,7 +17,6 @@ import (
 	runcshim "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/runc"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/stdio"
-	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/errdefs"
 	runc "github.com/containerd/go-runc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -25,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
+	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
@@ -293,12 +293,12 @@ func (p *initProcess) Start(ctx context.Context) error {
 	if files[2] != nil {
 		cmd.Stderr = files[2]
 	}
-	ec, err := reaper.Default.Start(cmd)
+	ec, err := reap.Monitor.Start(cmd)
 	closeAll(files)
 	if err != nil {
 		return fmt.Errorf("start container %s: %w", p.id, err)
 	}
-	if status, err := reaper.Default.Wait(cmd, ec); err != nil || status != 0 {
+	if status, err := reap.Monitor.Wait(cmd, ec); err != nil || status != 0 {
 		if err == nil {
 			err = fmt.Errorf("exit status %d", status)
 		}
@@ -307,7 +307,7 @@ func (p *initProcess) Start(ctx context.Context) error {
 	waiter := exec.Command(p.rt.self, append(append([]string{p.runc.Command}, globalArgs(p.runc)...), "wait", p.id)...)
 	waiter.Args[0] = "kuasar-runsc-wait"
 	waiter.Env = []string{waiterMarker + "=1", "PATH=" + os.Getenv("PATH")}
-	wc, err := reaper.Default.Start(waiter)
+	wc, err := reap.Monitor.Start(waiter)
 	if err != nil {
 		// Nothing would see the container end: do not let it run.
 		if kerr := p.runc.Kill(context.WithoutCancel(ctx), p.id, int(unix.SIGKILL), &runc.KillOpts{All: true}); kerr != nil {
@@ -315,7 +315,7 @@ func (p *initProcess) Start(ctx context.Context) error {
 		}
 		return fmt.Errorf("start the waiter of container %s: %w", p.id, err)
 	}
-	go reaper.Default.Wait(waiter, wc)
+	go reap.Monitor.Wait(waiter, wc)
 	p.pid = waiter.Process.Pid
 	p.started = true
 	return nil

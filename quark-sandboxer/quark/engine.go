@@ -22,7 +22,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"go.uber.org/zap"
@@ -31,6 +30,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/reap"
 )
 
 // taskAPIVersion 3 makes containerd 2.x connect to Quark's task socket
@@ -161,12 +161,12 @@ func (e *Engine) Start(ctx context.Context, pod *sandbox.Pod) (*sandbox.Started,
 	// A file, not a pipe: the daemonized sandbox may keep it open.
 	cmd.Stdout, cmd.Stderr = out, out
 	w := sandbox.WatchExit()
-	ec, err := reaper.Default.Start(cmd)
+	ec, err := reap.Monitor.Start(cmd)
 	if err != nil {
 		w.Cancel()
 		return nil, fmt.Errorf("run %s: %w", e.cfg.Binary, err)
 	}
-	status, err := reaper.Default.Wait(cmd, ec)
+	status, err := reap.Monitor.Wait(cmd, ec)
 	if err == nil && status != 0 {
 		err = fmt.Errorf("exit status %d", status)
 	}

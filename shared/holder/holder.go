@@ -19,11 +19,11 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	runc "github.com/containerd/go-runc"
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/shared/holder/pid1"
+	"github.com/kuasar-go/kuasar-go/shared/reap"
 )
 
 // envMarker tells a re-executed sandboxer binary to act as a holder, when
@@ -123,7 +123,7 @@ func Start(ctx context.Context, spec Spec) (*Holder, <-chan Exit, error) {
 	pid := cmd.Process.Pid
 	exited := make(chan Exit, 1)
 	go func() {
-		status, _ := reaper.Default.Wait(cmd, ec)
+		status, _ := reap.Monitor.Wait(cmd, ec)
 		exited <- Exit{Status: status, At: time.Now()}
 	}()
 
@@ -160,7 +160,7 @@ func waitReady(ctx context.Context, r *os.File) error {
 // at path: a forked child inherits its parent thread's namespaces.
 func startInNetns(cmd *exec.Cmd, path string) (chan runc.Exit, error) {
 	if path == "" {
-		return reaper.Default.Start(cmd)
+		return reap.Monitor.Start(cmd)
 	}
 	target, err := os.Open(path)
 	if err != nil {
@@ -178,7 +178,7 @@ func startInNetns(cmd *exec.Cmd, path string) (chan runc.Exit, error) {
 		runtime.UnlockOSThread()
 		return nil, fmt.Errorf("enter netns %s: %w", path, err)
 	}
-	ec, startErr := reaper.Default.Start(cmd)
+	ec, startErr := reap.Monitor.Start(cmd)
 	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
 		// Leave the thread locked: Go discards it when this goroutine
 		// ends, so no other goroutine runs in the pod's network.

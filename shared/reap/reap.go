@@ -7,6 +7,7 @@ package reap
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 
 	"github.com/containerd/containerd/v2/pkg/sys/reaper"
@@ -22,7 +23,7 @@ func Start(log *zap.Logger) error {
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("become child subreaper: %w", err)
 	}
-	runc.Monitor = reaper.Default
+	runc.Monitor = Monitor
 	sigs := make(chan os.Signal, 128)
 	signal.Notify(sigs, unix.SIGCHLD)
 	go func() {
@@ -33,4 +34,20 @@ func Start(log *zap.Logger) error {
 		}
 	}()
 	return nil
+}
+
+// Monitor starts and waits for the daemon's children through containerd's
+// reaper, and releases each process handle once its exit is collected: Go
+// keeps a pidfd per started process until Wait, Release or the garbage
+// collector, and the reaper never calls Wait.
+var Monitor runc.ProcessMonitor = releasing{reaper.Default}
+
+type releasing struct{ runc.ProcessMonitor }
+
+func (r releasing) Wait(cmd *exec.Cmd, ec chan runc.Exit) (int, error) {
+	status, err := r.ProcessMonitor.Wait(cmd, ec)
+	if cmd.Process != nil {
+		_ = cmd.Process.Release()
+	}
+	return status, err
 }

@@ -7,8 +7,8 @@ import (
 	"os/exec"
 	"runtime"
 
-	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	runc "github.com/containerd/go-runc"
+	"github.com/kuasar-go/kuasar-go/shared/reap"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 )
@@ -72,7 +72,7 @@ var errUserNS = errors.New("user namespaces are not supported for wasm container
 // namespaces of join (flag -> path).
 func startIn(cmd *exec.Cmd, join map[int]string) (chan runc.Exit, error) {
 	if len(join) == 0 {
-		return reaper.Default.Start(cmd)
+		return reap.Monitor.Start(cmd)
 	}
 	type result struct {
 		ec  chan runc.Exit
@@ -134,6 +134,6 @@ func startLocked(cmd *exec.Cmd, join map[int]string) (ec chan runc.Exit, err err
 		}
 		done = append(done, entered{flag, orig})
 	}
-	ec, err = reaper.Default.Start(cmd)
+	ec, err = reap.Monitor.Start(cmd)
 	return ec, err, restore()
 }

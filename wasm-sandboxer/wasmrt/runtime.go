@@ -24,13 +24,13 @@ import (
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/stdio"
-	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/errdefs"
 	securejoin "github.com/cyphar/filepath-securejoin"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 	"github.com/kuasar-go/kuasar-go/shared/validate"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/engine"
@@ -291,11 +291,11 @@ func (rt *Runtime) ensureCompiled(ctx context.Context, name, module string, wasm
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	t0 := time.Now()
-	ec, err := reaper.Default.Start(cmd)
+	ec, err := reap.Monitor.Start(cmd)
 	if err != nil {
 		return fmt.Errorf("start compiler: %w", err)
 	}
-	status, err := reaper.Default.Wait(cmd, ec)
+	status, err := reap.Monitor.Wait(cmd, ec)
 	if err != nil {
 		return fmt.Errorf("compiler: %w", err)
 	}
@@ -401,7 +401,7 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 		waitCh: make(chan struct{}), reaped: make(chan struct{}),
 	}
 	go func() {
-		reaper.Default.Wait(cmd, ec)
+		reap.Monitor.Wait(cmd, ec)
 		close(p.reaped)
 	}()
 	defer func() {

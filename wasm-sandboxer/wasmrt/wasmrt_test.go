@@ -11,11 +11,11 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
+	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
 )
 
@@ -143,13 +143,13 @@ func TestStartIn(t *testing.T) {
 	netns := testenv.NewNetns(t)
 	owner := exec.Command("/bin/sleep", "60")
 	owner.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWPID | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS}
-	ec, err := reaper.Default.Start(owner)
+	ec, err := reap.Monitor.Start(owner)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		owner.Process.Kill()
-		reaper.Default.Wait(owner, ec)
+		reap.Monitor.Wait(owner, ec)
 	})
 	nsOf := func(pid int, ns string) string {
 		l, err := os.Readlink(filepath.Join("/proc", strconv.Itoa(pid), "ns", ns))
@@ -169,7 +169,7 @@ func TestStartIn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if status, err := reaper.Default.Wait(cmd, cec); err != nil || status != 0 {
+	if status, err := reap.Monitor.Wait(cmd, cec); err != nil || status != 0 {
 		t.Fatalf("child: %d %v", status, err)
 	}
 	want := strings.Join([]string{
