@@ -1,9 +1,13 @@
 package mixednode
 
 import (
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
@@ -50,6 +54,55 @@ func TestFaultContainerdRestart(t *testing.T) {
 			}
 		})
 	}
+	n.removeAll(t, "RemovePods", runs)
+	env.AssertNoLeaks(t, before, 60*time.Second)
+}
+
+// TestFaultStateUnwritableAtCreate makes each sandboxer's state directory
+// unwritable (a full file system, then a read-only one) and runs a pod of
+// every family: RunPodSandbox fails naming the cause and leaves nothing
+// behind, and once the directory is writable again pods run.
+func TestFaultStateUnwritableAtCreate(t *testing.T) {
+	n := startNode(t)
+	env := n.env
+	before := env.Snapshot()
+	for _, c := range []struct {
+		name, opts, want string
+		fill             bool
+	}{
+		{"full", "size=16k", "no space left on device", true},
+		{"read-only", "ro", "read-only file system", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var dirs []string
+			for _, f := range n.fams {
+				dir := filepath.Join(env.SandboxerDirs[f.handler], "sandboxes")
+				if err := unix.Mount("tmpfs", dir, "tmpfs", 0, c.opts); err != nil {
+					t.Fatalf("mount a tmpfs on %s: %v", dir, err)
+				}
+				dirs = append(dirs, dir)
+				if c.fill {
+					// Fill it up: the file system has no room for a state file.
+					_ = os.WriteFile(filepath.Join(dir, "filler"), make([]byte, 64<<10), 0o600)
+				}
+			}
+			for _, f := range n.fams {
+				cfg := env.PodConfig()
+				cfg.Annotations = f.annotations
+				_, err := env.TryRunPod(f.handler, cfg)
+				if err == nil || !strings.Contains(err.Error(), c.want) {
+					t.Errorf("%s: RunPodSandbox with its state directory %s: %v; want an error naming %q", f.name, c.name, err, c.want)
+				}
+			}
+			for _, dir := range dirs {
+				if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+					t.Errorf("unmount %s: %v", dir, err)
+				}
+			}
+		})
+	}
+	// Writable again: every family runs pods.
+	runs := n.runAll(t, "RunPods")
 	n.removeAll(t, "RemovePods", runs)
 	env.AssertNoLeaks(t, before, 60*time.Second)
 }
