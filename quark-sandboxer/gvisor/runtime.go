@@ -370,17 +370,7 @@ func (c *container) Start(ctx context.Context, r *taskAPI.StartRequest) (process
 }
 
 func (c *container) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (process.Process, error) {
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return nil, err
-	}
-	if err := p.Delete(ctx); err != nil {
-		return nil, err
-	}
-	if r.ExecID != "" {
-		c.Remove(r.ExecID)
-	}
-	return p, nil
+	return c.DeleteProcess(ctx, c.init, r)
 }
 
 // Exec adds a process: `runsc exec --detach`, whose host child stands for

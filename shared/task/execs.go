@@ -52,6 +52,22 @@ func (t *Execs[P]) StartProcess(ctx context.Context, init process.Process, r *ta
 	return p, nil
 }
 
+// DeleteProcess deletes the init or exec'd process that r names; an
+// exec'd one leaves the table.
+func (t *Execs[P]) DeleteProcess(ctx context.Context, init process.Process, r *taskAPI.DeleteRequest) (process.Process, error) {
+	p, err := t.Process(init, r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.Delete(ctx); err != nil {
+		return nil, err
+	}
+	if r.ExecID != "" {
+		t.Remove(r.ExecID)
+	}
+	return p, nil
+}
+
 // List returns the exec'd processes.
 func (t *Execs[P]) List() []P {
 	t.mu.Lock()

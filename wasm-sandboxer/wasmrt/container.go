@@ -69,16 +69,9 @@ func (c *container) Start(ctx context.Context, r *taskAPI.StartRequest) (process
 // Delete deletes an exec'd process, or the init and with it the container:
 // its rootfs is unmounted and its cgroup removed.
 func (c *container) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (process.Process, error) {
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return nil, err
-	}
-	if err := p.Delete(ctx); err != nil {
-		return nil, err
-	}
-	if r.ExecID != "" {
-		c.Remove(r.ExecID)
-		return p, nil
+	p, err := c.DeleteProcess(ctx, c.init, r)
+	if err != nil || r.ExecID != "" {
+		return p, err
 	}
 	for _, e := range c.ExecdProcesses() {
 		if err := e.Delete(ctx); err != nil {
