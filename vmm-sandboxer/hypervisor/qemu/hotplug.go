@@ -201,23 +201,9 @@ func (q *QEMU) RemoveDevice(ctx context.Context, id string) error {
 		q.mu.Unlock()
 		return fmt.Errorf("qemu: vm %s: no hot-plugged device %q", q.cfg.ID, id)
 	}
-	deleted := make(chan struct{})
-	q.waiters[id] = deleted
 	q.mu.Unlock()
-
-	if _, err := c.Execute(ctx, "device_del", map[string]any{"id": id}); err != nil {
-		q.mu.Lock()
-		delete(q.waiters, id)
-		q.mu.Unlock()
+	if err := c.DeleteDevice(ctx, id); err != nil {
 		return fmt.Errorf("qemu: vm %s: remove %s: %w", q.cfg.ID, id, err)
-	}
-	select {
-	case <-deleted:
-	case <-ctx.Done():
-		q.mu.Lock()
-		delete(q.waiters, id)
-		q.mu.Unlock()
-		return fmt.Errorf("qemu: vm %s: remove %s: guest did not release the device: %w", q.cfg.ID, id, ctx.Err())
 	}
 	steps, _ := plugSteps(p.dev, p.slot)
 	var errs []error

@@ -29,7 +29,6 @@ type QEMU struct {
 	status  hypervisor.ExitStatus
 	plugged map[string]plugged // hot-plugged devices by ID
 	slots   []bool             // hot-plug root ports in use
-	waiters map[string]chan struct{}
 }
 
 type plugged struct {
@@ -56,7 +55,6 @@ func New(cfg hypervisor.Config, log *zap.Logger) (*QEMU, error) {
 		log:     log.With(zap.String("vm", cfg.ID)),
 		plugged: map[string]plugged{},
 		slots:   make([]bool, cfg.HotplugSlots),
-		waiters: map[string]chan struct{}{},
 	}, nil
 }
 
@@ -160,7 +158,7 @@ func (q *QEMU) connect(ctx context.Context) error {
 				q.mu.Lock()
 				q.qmp = c
 				q.mu.Unlock()
-				go q.watchEvents(c)
+				go c.LogEvents(q.log)
 				if err := q.Ping(ctx); err != nil {
 					return err
 				}
@@ -173,29 +171,6 @@ func (q *QEMU) connect(ctx context.Context) error {
 		case <-ctx.Done():
 			return fmt.Errorf("qemu: vm %s: waiting for QMP at %s: %w", q.cfg.ID, q.cfg.ControlSocket(), ctx.Err())
 		case <-tick.C:
-		}
-	}
-}
-
-func (q *QEMU) watchEvents(c *QMP) {
-	for {
-		select {
-		case ev := <-c.Events():
-			q.log.Debug("qmp event", zap.String("event", ev.Event), zap.ByteString("data", ev.Data))
-			if ev.Event == "DEVICE_DELETED" {
-				var d struct {
-					Device string `json:"device"`
-				}
-				_ = json.Unmarshal(ev.Data, &d)
-				q.mu.Lock()
-				if ch := q.waiters[d.Device]; ch != nil {
-					close(ch)
-					delete(q.waiters, d.Device)
-				}
-				q.mu.Unlock()
-			}
-		case <-c.Done():
-			return
 		}
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"go.uber.org/zap"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -25,8 +27,10 @@ type QMP struct {
 	mu      sync.Mutex
 	nextID  uint64
 	pending map[string]chan qmpReply
-	closed  bool
-	err     error // why the connection ended
+	// deleting wakes DeleteDevice calls on DEVICE_DELETED, by device ID.
+	deleting map[string]chan struct{}
+	closed   bool
+	err      error // why the connection ended
 
 	events chan QMPEvent
 	done   chan struct{}
@@ -127,6 +131,9 @@ func (q *QMP) readLoop(dec *json.Decoder) {
 		switch {
 		case m.Event != "":
 			ev := QMPEvent{Event: m.Event, Data: m.Data, Timestamp: m.Timestamp}
+			if ev.Event == "DEVICE_DELETED" {
+				q.deviceDeleted(ev.Data)
+			}
 			select {
 			case q.events <- ev:
 			default: // nobody listens: events are advisory
@@ -152,6 +159,62 @@ func (q *QMP) readLoop(dec *json.Decoder) {
 	}
 	q.mu.Unlock()
 	close(q.done)
+}
+
+func (q *QMP) deviceDeleted(data json.RawMessage) {
+	var d struct {
+		Device string `json:"device"`
+	}
+	_ = json.Unmarshal(data, &d)
+	q.mu.Lock()
+	if ch := q.deleting[d.Device]; ch != nil {
+		close(ch)
+		delete(q.deleting, d.Device)
+	}
+	q.mu.Unlock()
+}
+
+// DeleteDevice unplugs device id (device_del) and waits until the guest
+// has released it (DEVICE_DELETED) or ctx ends.
+func (q *QMP) DeleteDevice(ctx context.Context, id string) error {
+	deleted := make(chan struct{})
+	q.mu.Lock()
+	if q.deleting == nil {
+		q.deleting = map[string]chan struct{}{}
+	}
+	q.deleting[id] = deleted
+	q.mu.Unlock()
+	forget := func() {
+		q.mu.Lock()
+		delete(q.deleting, id)
+		q.mu.Unlock()
+	}
+	if _, err := q.Execute(ctx, "device_del", map[string]any{"id": id}); err != nil {
+		forget()
+		return err
+	}
+	select {
+	case <-deleted:
+		return nil
+	case <-q.done:
+		forget()
+		return fmt.Errorf("qmp: connection closed before %s was released", id)
+	case <-ctx.Done():
+		forget()
+		return fmt.Errorf("guest did not release the device: %w", ctx.Err())
+	}
+}
+
+// LogEvents logs every event at debug level until the connection ends.
+func (q *QMP) LogEvents(log *zap.Logger) {
+	for {
+		select {
+		case ev := <-q.events:
+			log.Debug("qmp event", zap.String("event", ev.Event), zap.ByteString("data", ev.Data))
+		case <-q.done:
+			return
+		}
+	}
 }
 
 // Events delivers asynchronous events; events nobody reads are dropped

@@ -181,23 +181,9 @@ func (s *StratoVirt) RemoveDevice(ctx context.Context, id string) error {
 		s.mu.Unlock()
 		return s.errorf("no hot-plugged device %q", id)
 	}
-	deleted := make(chan struct{})
-	s.deleted[id] = deleted
 	s.mu.Unlock()
-	forget := func() {
-		s.mu.Lock()
-		delete(s.deleted, id)
-		s.mu.Unlock()
-	}
-	if _, err := c.Execute(ctx, "device_del", map[string]any{"id": id}); err != nil {
-		forget()
+	if err := c.DeleteDevice(ctx, id); err != nil {
 		return s.errorf("remove %s: %w", id, err)
-	}
-	select {
-	case <-deleted:
-	case <-ctx.Done():
-		forget()
-		return s.errorf("remove %s: guest did not release the device: %w", id, ctx.Err())
 	}
 	var err2 error
 	for _, st := range s.plugSteps(p.dev, p.slot) {

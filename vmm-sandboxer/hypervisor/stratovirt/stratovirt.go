@@ -30,7 +30,6 @@ type StratoVirt struct {
 	proc    *hypervisor.Process
 	qmp     *qemu.QMP
 	plugged map[string]plugged
-	deleted map[string]chan struct{} // DEVICE_DELETED waiters by device ID
 }
 
 var _ hypervisor.Hypervisor = (*StratoVirt)(nil)
@@ -63,7 +62,6 @@ func New(vm hypervisor.Config, c Config, log *zap.Logger) (*StratoVirt, error) {
 		conf:    c,
 		log:     log.With(zap.String("vm", vm.ID)),
 		plugged: map[string]plugged{},
-		deleted: map[string]chan struct{}{},
 	}, nil
 }
 
@@ -168,7 +166,7 @@ func (s *StratoVirt) connect(ctx context.Context, p *hypervisor.Process) error {
 				s.mu.Lock()
 				s.qmp = c
 				s.mu.Unlock()
-				go s.watchEvents(c)
+				go c.LogEvents(s.log)
 				return s.Ping(ctx)
 			}
 		}
@@ -182,31 +180,6 @@ func (s *StratoVirt) connect(ctx context.Context, p *hypervisor.Process) error {
 			return s.errorf("QMP at %s did not answer within %s (qmp_timeout; last error: %v): %s",
 				s.cfg.ControlSocket(), timeout, last, p.LogTail())
 		case <-tick.C:
-		}
-	}
-}
-
-// watchEvents wakes RemoveDevice when the guest has let a device go.
-func (s *StratoVirt) watchEvents(c *qemu.QMP) {
-	for {
-		select {
-		case ev := <-c.Events():
-			s.log.Debug("qmp event", zap.String("event", ev.Event), zap.ByteString("data", ev.Data))
-			if ev.Event != "DEVICE_DELETED" {
-				continue
-			}
-			var d struct {
-				Device string `json:"device"`
-			}
-			_ = json.Unmarshal(ev.Data, &d)
-			s.mu.Lock()
-			if ch := s.deleted[d.Device]; ch != nil {
-				close(ch)
-				delete(s.deleted, d.Device)
-			}
-			s.mu.Unlock()
-		case <-c.Done():
-			return
 		}
 	}
 }
