@@ -70,30 +70,7 @@ func ctrMemRun(c config, res *results) error {
 }
 
 func ctrMemRound(tb testing.TB, c config, res *results) {
-	wasmSB, runcSB := testenv.Binary("wasm-sandboxer"), testenv.Binary(c.sandboxer)
-	testenv.RequireFiles(tb, wasmSB, runcSB)
-	env := testenv.Start(tb, testenv.Options{
-		Sandboxers: []testenv.Sandboxer{
-			wasmSandboxer(wasmSB, c.logLevel),
-			{Name: kuasar, Binary: runcSB, Args: []string{"--log-level", c.logLevel}},
-		},
-		LogLevel:     c.logLevel,
-		StartTimeout: 60 * time.Second,
-		LeakIgnore:   wasmLeakIgnore,
-	})
-	if res.machine == nil {
-		res.machine = describeMachine(c, []string{kuasar, wasm})
-	}
-	for _, img := range []struct {
-		tar func() ([]byte, error)
-		ref string
-	}{{testenv.WasmImageTar, testenv.WasmImage}, {testenv.WasmNativeImageTar, testenv.WasmNativeImage}} {
-		b, err := img.tar()
-		if err != nil {
-			tb.Fatalf("bench: build %s: %v", img.ref, err)
-		}
-		env.ImportImage(tb, b, img.ref)
-	}
+	env := startWasmAndNative(tb, c, res)
 	b := &bench{env: env, tb: tb, c: c}
 	before := env.Snapshot()
 	for _, k := range ctrMemKinds(c.wasmEngines, c.ctrMemShim) {

@@ -71,6 +71,36 @@ func wasmCold(c config, res *results) error {
 // runc-sandboxer (an empty compiled-module cache), takes one cold start per
 // kind and, in the first round, the warm starts.
 func wasmRound(tb testing.TB, c config, res *results, round int) {
+	env := startWasmAndNative(tb, c, res)
+	before := env.Snapshot()
+	for _, k := range wasmKinds(c.wasmEngines) {
+		podCfg := env.PodConfig()
+		if k.engine != "" {
+			podCfg.Annotations = map[string]string{wasmEngineAnnotation: k.engine}
+		}
+		podID := env.RunPod(tb, k.handler, podCfg)
+		s := helloStart(tb, env, c, podID, podCfg, k, 0)
+		s.Round, s.Cold = round, true
+		res.wasm = append(res.wasm, s)
+		if round == 0 {
+			for i := 1; i <= c.wasmWarm; i++ {
+				if stopping.Load() {
+					break
+				}
+				s := helloStart(tb, env, c, podID, podCfg, k, i)
+				s.Round = round
+				res.wasm = append(res.wasm, s)
+			}
+		}
+		env.StopRemovePod(tb, podID)
+	}
+	env.AssertNoLeaks(tb, before, 30*time.Second)
+}
+
+// startWasmAndNative starts containerd with wasm-sandboxer and
+// runc-sandboxer, and imports the WASI test program's image and the same
+// program built for Linux: what the wasm sections compare.
+func startWasmAndNative(tb testing.TB, c config, res *results) *testenv.Env {
 	wasmSB, runcSB := testenv.Binary("wasm-sandboxer"), testenv.Binary(c.sandboxer)
 	testenv.RequireFiles(tb, wasmSB, runcSB)
 	env := testenv.Start(tb, testenv.Options{
@@ -95,29 +125,7 @@ func wasmRound(tb testing.TB, c config, res *results, round int) {
 		}
 		env.ImportImage(tb, b, img.ref)
 	}
-	before := env.Snapshot()
-	for _, k := range wasmKinds(c.wasmEngines) {
-		podCfg := env.PodConfig()
-		if k.engine != "" {
-			podCfg.Annotations = map[string]string{wasmEngineAnnotation: k.engine}
-		}
-		podID := env.RunPod(tb, k.handler, podCfg)
-		s := helloStart(tb, env, c, podID, podCfg, k, 0)
-		s.Round, s.Cold = round, true
-		res.wasm = append(res.wasm, s)
-		if round == 0 {
-			for i := 1; i <= c.wasmWarm; i++ {
-				if stopping.Load() {
-					break
-				}
-				s := helloStart(tb, env, c, podID, podCfg, k, i)
-				s.Round = round
-				res.wasm = append(res.wasm, s)
-			}
-		}
-		env.StopRemovePod(tb, podID)
-	}
-	env.AssertNoLeaks(tb, before, 30*time.Second)
+	return env
 }
 
 // helloStart runs one hello-world container to its exit and removes it.
