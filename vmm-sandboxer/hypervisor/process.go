@@ -91,8 +91,11 @@ func (p *Process) Kill() {
 }
 
 // LogTail is the end of the process's log, for errors.
-func (p *Process) LogTail() string {
-	b, err := os.ReadFile(p.logPath)
+func (p *Process) LogTail() string { return FileTail(p.logPath) }
+
+// FileTail is the end of a log file (its last 2 KiB, trimmed), for errors.
+func FileTail(path string) string {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return "(no log: " + err.Error() + ")"
 	}

@@ -337,15 +337,7 @@ func (f *Family) waitAgent(ctx context.Context, p *pod, vmCfg hypervisor.Config)
 
 // consoleTail is the end of the guest console, for errors.
 func consoleTail(path string) string {
-	b, err := os.ReadFile(path)
-	if err != nil || len(b) == 0 {
-		return "; the guest console is empty"
-	}
-	const n = 2048
-	if len(b) > n {
-		b = b[len(b)-n:]
-	}
-	return "; end of the guest console:\n" + strings.TrimSpace(string(b))
+	return "; end of the guest console:\n" + hypervisor.FileTail(path)
 }
 
 // setupGuest gives the guest the pod's hostname, DNS, share and network.

@@ -5,17 +5,17 @@
 package virtiofs
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
-	"strings"
 	"syscall"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
 )
 
 // DefaultBinary is the virtiofsd of Debian 12's qemu-system-common.
@@ -113,17 +113,7 @@ func (d *Daemon) PID() int { return d.cmd.Process.Pid }
 // Exited is closed once virtiofsd has exited.
 func (d *Daemon) Exited() <-chan struct{} { return d.exited }
 
-func (d *Daemon) logTail() string {
-	b, _ := os.ReadFile(d.cfg.LogPath)
-	b = bytes.TrimSpace(b)
-	if len(b) > 2048 {
-		b = b[len(b)-2048:]
-	}
-	if len(b) == 0 {
-		return "(empty log)"
-	}
-	return strings.TrimSpace(string(b))
-}
+func (d *Daemon) logTail() string { return hypervisor.FileTail(d.cfg.LogPath) }
 
 // Stop ends virtiofsd (SIGTERM, then SIGKILL when ctx ends or after two
 // seconds), waits for it and removes its socket and log.

@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -176,20 +175,7 @@ func (q *QEMU) connect(ctx context.Context) error {
 }
 
 // logTail is the end of QEMU's own log, for errors.
-func (q *QEMU) logTail() string {
-	b, err := os.ReadFile(q.cfg.VMMLog())
-	if err != nil {
-		return "(no log: " + err.Error() + ")"
-	}
-	b = bytes.TrimSpace(b)
-	if len(b) > 2048 {
-		b = b[len(b)-2048:]
-	}
-	if len(b) == 0 {
-		return "(empty log)"
-	}
-	return string(b)
-}
+func (q *QEMU) logTail() string { return hypervisor.FileTail(q.cfg.VMMLog()) }
 
 func (q *QEMU) client() (*QMP, error) {
 	q.mu.Lock()
