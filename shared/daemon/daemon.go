@@ -20,8 +20,10 @@ import (
 
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/events"
+	"github.com/kuasar-go/kuasar-go/shared/keeper"
 	"github.com/kuasar-go/kuasar-go/shared/sdnotify"
 	"github.com/kuasar-go/kuasar-go/shared/store"
+	"github.com/kuasar-go/kuasar-go/shared/unixsock"
 	"github.com/kuasar-go/kuasar-go/shared/version"
 )
 
@@ -50,6 +52,9 @@ type Base struct {
 	Log    *zap.Logger
 	Store  *store.Store
 	Events *events.Forwarder
+	// Keeper serves the task sockets containerd dials and forwards them to
+	// the daemon, across daemon restarts.
+	Keeper *keeper.Client
 }
 
 // ErrVersionPrinted is returned by Init after --version was handled.
@@ -59,6 +64,10 @@ var ErrVersionPrinted = errors.New("version printed")
 // entry), sets up logging and the state directory. Families that run
 // container processes on the host also start reaping (package reap).
 func Init(name string, args []string, cfg Config, stdout, stderr io.Writer) (*Base, error) {
+	// Every sandboxer binary doubles as its own keeper (package keeper).
+	if keeper.IsKeeper() {
+		keeper.Main()
+	}
 	flags, err := ParseFlags(name, args, stderr)
 	if err != nil {
 		return nil, err
@@ -88,12 +97,19 @@ func Init(name string, args []string, cfg Config, stdout, stderr io.Writer) (*Ba
 	if err != nil {
 		return nil, err
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kp, err := keeper.Ensure(ctx, flags.Dir, log)
+	if err != nil {
+		return nil, err
+	}
 	return &Base{
 		Name:   name,
 		Flags:  flags,
 		Log:    log,
 		Store:  st,
 		Events: events.NewForwarder(flags.ContainerdAddress, log.Named("events")),
+		Keeper: kp,
 	}, nil
 }
 
@@ -102,8 +118,12 @@ func Init(name string, args []string, cfg Config, stdout, stderr io.Writer) (*Ba
 // end by themselves: containerd retries them against the next instance.
 const shutdownGrace = 2 * time.Second
 
-// TaskSocket is the path of the daemon's ttrpc task socket.
+// TaskSocket is the path of the task socket containerd dials; the keeper
+// serves it and forwards to TaskBackendSocket.
 func (b *Base) TaskSocket() string { return filepath.Join(b.Flags.Dir, "task.sock") }
+
+// TaskBackendSocket is where the daemon serves its ttrpc task API.
+func (b *Base) TaskBackendSocket() string { return filepath.Join(b.Flags.Dir, "task-backend.sock") }
 
 // TaskAddress is the task address containerd connects to.
 func (b *Base) TaskAddress() string { return "ttrpc+unix://" + b.TaskSocket() }
@@ -124,12 +144,16 @@ func (b *Base) Serve(ctrl *controller.Server, registerTasks func(*ttrpc.Server))
 			return err
 		}
 		registerTasks(ttrpcSrv)
-		if taskL, err = ListenUnix(b.TaskSocket()); err != nil {
+		if taskL, err = unixsock.Listen(b.TaskBackendSocket()); err != nil {
 			return fmt.Errorf("task socket: %w", err)
 		}
 		go func() { errc <- ttrpcSrv.Serve(context.Background(), taskL) }()
+		if err := b.Keeper.Listen(context.Background(), b.TaskSocket(), b.TaskBackendSocket()); err != nil {
+			ttrpcSrv.Close()
+			return fmt.Errorf("task socket: %w", err)
+		}
 	}
-	ctrlL, err := ListenUnix(b.Flags.Listen)
+	ctrlL, err := unixsock.Listen(b.Flags.Listen)
 	if err != nil {
 		if ttrpcSrv != nil {
 			ttrpcSrv.Close()
@@ -176,10 +200,25 @@ func (b *Base) Serve(ctrl *controller.Server, registerTasks func(*ttrpc.Server))
 			ttrpcSrv.Close()
 		}
 		scancel()
-		os.Remove(b.TaskSocket())
+		os.Remove(b.TaskBackendSocket())
 	}
 	os.Remove(b.Flags.Listen)
+	b.stopIdleKeeper(ctrl)
 	return serveErr
+}
+
+// stopIdleKeeper ends the keeper when no pod is left: with pods, it keeps
+// containerd's task connections for the next instance of the daemon.
+func (b *Base) stopIdleKeeper(ctrl *controller.Server) {
+	if ids := ctrl.IDs(); len(ids) > 0 {
+		b.Log.Info("keeper stays for the pods", zap.Int("keeper", b.Keeper.Pid()), zap.Int("pods", len(ids)))
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := b.Keeper.Exit(ctx); err != nil {
+		b.Log.Warn("stop keeper", zap.Error(err))
+	}
 }
 
 // Exit ends a sandboxer's main with the outcome of running it: nothing for

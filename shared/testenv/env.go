@@ -532,7 +532,15 @@ func (e *Env) daemon(name string) *daemon {
 // the test's to check.
 func (e *Env) RestartSandboxer(t testing.TB, name string, down time.Duration) {
 	t.Helper()
-	e.restartDaemon(t, name, down, func() error { return e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second) })
+	e.restartDaemon(t, name, down, syscall.SIGTERM, func() error { return e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second) })
+}
+
+// KillSandboxer kills the sandboxer name with SIGKILL (what it started
+// goes on), waits down and starts it again on the same state directory,
+// returning once its controller socket serves.
+func (e *Env) KillSandboxer(t testing.TB, name string, down time.Duration) {
+	t.Helper()
+	e.restartDaemon(t, name, down, syscall.SIGKILL, func() error { return e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second) })
 }
 
 // RestartContainerd stops containerd with SIGTERM (the sandboxers and
@@ -540,15 +548,20 @@ func (e *Env) RestartSandboxer(t testing.TB, name string, down time.Duration) {
 // CRI serves.
 func (e *Env) RestartContainerd(t testing.TB) {
 	t.Helper()
-	e.restartDaemon(t, "containerd", 0, func() error { return e.waitCRIReady(60 * time.Second) })
+	e.restartDaemon(t, "containerd", 0, syscall.SIGTERM, func() error { return e.waitCRIReady(60 * time.Second) })
 }
 
-func (e *Env) restartDaemon(t testing.TB, name string, down time.Duration, ready func() error) {
+func (e *Env) restartDaemon(t testing.TB, name string, down time.Duration, sig syscall.Signal, ready func() error) {
 	d := e.daemon(name)
 	if d == nil {
 		t.Fatalf("testenv: no daemon %s", name)
 	}
-	stopDaemon(t, d, 10*time.Second)
+	if sig == syscall.SIGKILL {
+		_ = d.cmd.Process.Kill()
+		<-d.done
+	} else {
+		stopDaemon(t, d, 10*time.Second)
+	}
 	for i, p := range e.procs {
 		if p == d {
 			e.procs = append(e.procs[:i], e.procs[i+1:]...)
@@ -926,6 +939,11 @@ func stopDaemon(t testing.TB, d *daemon, grace time.Duration) {
 	_ = d.cmd.Process.Kill()
 	<-d.done
 }
+
+// KillProcessesMentioning SIGKILLs the processes whose command line names
+// a path below dir, or that run on a root file system below it, and waits
+// for them; it returns how many there were.
+func KillProcessesMentioning(dir string) int { return killLeftovers(dir, nil) }
 
 // killLeftovers SIGKILLs processes whose command line names dir, or that
 // run on a root filesystem under dir (containers), and waits for them.

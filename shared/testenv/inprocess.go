@@ -22,11 +22,11 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-go/kuasar-go/shared/controller"
-	sharedDaemon "github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/events"
 	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/task"
+	"github.com/kuasar-go/kuasar-go/shared/unixsock"
 )
 
 // Family is what InProcess serves, wired as a daemon wires it.
@@ -74,7 +74,7 @@ func ServeInProcess(t *testing.T, f Family) *InProcess {
 		t.Fatal(err)
 	}
 	ctrlSock := filepath.Join(dir, "ctrl.sock")
-	gl, err := sharedDaemon.ListenUnix(ctrlSock)
+	gl, err := unixsock.Listen(ctrlSock)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +101,7 @@ func ServeInProcess(t *testing.T, f Family) *InProcess {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { tasks.Close() })
-		tl, err := sharedDaemon.ListenUnix(r.TaskSock)
+		tl, err := unixsock.Listen(r.TaskSock)
 		if err != nil {
 			t.Fatal(err)
 		}

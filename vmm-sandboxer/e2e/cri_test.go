@@ -199,11 +199,11 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 		t.Fatalf("RemoveContainer: %v", err)
 	}
 
-	// The daemon restarts while the pod runs: the VM goes on, and the new
-	// instance reattaches to it and its agent; the pod stays ready and
-	// takes new containers. (containerd does not reconnect to a task
-	// address whose connection closed, so it reports the containers it
-	// had as exited; see docs/vmm.md.)
+	// The daemon restarts while the pod runs: the VM goes on, the new
+	// instance reattaches to it and its agent, and the keeper kept
+	// containerd's connection to the pod's task address: the pod stays
+	// ready, its container runs on and takes execs, and new containers
+	// start.
 	env.RestartSandboxer(t, handler, 2*time.Second)
 	// containerd reconnects to the controller after its backoff (at most
 	// 3 s), as kubelet would retry.
@@ -215,6 +215,11 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("pod after the daemon's restart: %v, %v; want READY", st.GetStatus().GetState(), err)
 		}
+	}
+	if st := env.ContainerStatus(t, peerID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
+		t.Errorf("peer container after the daemon's restart: %v (exit %d), want RUNNING", st.State, st.ExitCode)
+	} else if out, _, code := env.ExecSync(t, peerID, 30*time.Second, "sh", "-c", "echo still-here"); out != "still-here\n" || code != 0 {
+		t.Errorf("ExecSync after the daemon's restart: %q, exit %d", out, code)
 	}
 	after := testenv.ContainerConfig("after-restart", "sh", "-c", "echo after-restart; uname -r")
 	env.CreateStartContainer(t, podID, podCfg, after)

@@ -66,6 +66,10 @@ type state struct {
 
 func (st *state) shareDir() string   { return filepath.Join(st.VMDir, "share") }
 func (st *state) taskSocket() string { return filepath.Join(st.VMDir, "task.sock") }
+
+// taskBackendSocket is where the daemon serves the pod's task API, behind
+// the keeper's taskSocket.
+func (st *state) taskBackendSocket() string { return filepath.Join(st.VMDir, "task-backend.sock") }
 func (st *state) recordDir() string  { return filepath.Join(st.VMDir, "containers") }
 
 // pod is a running pod's VM and what serves it.
@@ -79,11 +83,20 @@ type pod struct {
 	exited  chan struct{} // closed once the VMM process has exited
 }
 
+// TaskProxy serves a pod's task address on the daemon's behalf and
+// forwards it to the socket the daemon serves, so that containerd's
+// connections outlive a daemon restart (package keeper).
+type TaskProxy interface {
+	Listen(ctx context.Context, address, backend string) error
+	Close(ctx context.Context, address string) error
+}
+
 // Family implements controller.Sandboxer for VM pods.
 type Family struct {
 	cfg    *Config
 	dir    string // --dir
 	events vmtask.Publisher
+	proxy  TaskProxy
 	log    *zap.Logger
 
 	accelOnce sync.Once
@@ -97,8 +110,8 @@ type Family struct {
 var _ controller.Sandboxer = (*Family)(nil)
 
 // New returns the family; dir is the daemon's state directory.
-func New(cfg *Config, dir string, events vmtask.Publisher, log *zap.Logger) *Family {
-	return &Family{cfg: cfg, dir: dir, events: events, log: log, pods: map[string]*pod{}}
+func New(cfg *Config, dir string, events vmtask.Publisher, proxy TaskProxy, log *zap.Logger) *Family {
+	return &Family{cfg: cfg, dir: dir, events: events, proxy: proxy, log: log, pods: map[string]*pod{}}
 }
 
 func load(sb *store.Sandbox) (state, error) {
@@ -269,7 +282,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 
 	share := agentclient.Share{HostDir: st.shareDir(), GuestDir: guestShareDir}
 	p.tasks = vmtask.New(sb.ID, p.agent, share, st.recordDir(), f.events, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
-	if err := f.serveTasks(p, st); err != nil {
+	if err := f.serveTasks(ctx, p, st); err != nil {
 		return nil, err
 	}
 
@@ -423,6 +436,9 @@ func (f *Family) Shutdown(ctx context.Context, sb *store.Sandbox) error {
 // directory, the cgroups. It is idempotent.
 func (f *Family) release(ctx context.Context, sb *store.Sandbox, st state, p *pod) error {
 	var errs []error
+	if st.VMDir != "" {
+		errs = append(errs, f.proxy.Close(ctx, st.taskSocket()))
+	}
 	if p.taskSrv != nil {
 		p.taskSrv.Close()
 	}

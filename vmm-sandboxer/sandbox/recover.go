@@ -14,9 +14,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/shared/controller"
-	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
 	"github.com/kuasar-go/kuasar-go/shared/store"
+	"github.com/kuasar-go/kuasar-go/shared/unixsock"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/agentclient"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor/qemu"
@@ -69,7 +69,7 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (_ <-chan contr
 	if err := p.tasks.Restore(actx); err != nil {
 		f.log.Warn("some containers could not be restored", zap.String("sandbox", sb.ID), zap.Error(err))
 	}
-	if err := f.serveTasks(p, st); err != nil {
+	if err := f.serveTasks(actx, p, st); err != nil {
 		return nil, err
 	}
 	f.mu.Lock()
@@ -79,18 +79,22 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (_ <-chan contr
 	return f.watch(sb.ID, p), nil
 }
 
-// serveTasks serves the pod's task API on its socket.
-func (f *Family) serveTasks(p *pod, st state) error {
+// serveTasks serves the pod's task API on its backend socket and has the
+// keeper serve the address containerd dials (again, after a restart).
+func (f *Family) serveTasks(ctx context.Context, p *pod, st state) error {
 	var err error
 	if p.taskSrv, err = ttrpc.NewServer(); err != nil {
 		return err
 	}
 	p.tasks.Register(p.taskSrv)
-	l, err := daemon.ListenUnix(st.taskSocket())
+	l, err := unixsock.Listen(st.taskBackendSocket())
 	if err != nil {
 		return fmt.Errorf("task socket: %w", err)
 	}
 	go func() { _ = p.taskSrv.Serve(context.Background(), l) }()
+	if err := f.proxy.Listen(ctx, st.taskSocket(), st.taskBackendSocket()); err != nil {
+		return fmt.Errorf("task socket: %w", err)
+	}
 	return nil
 }
 

@@ -39,6 +39,9 @@ func newDaemonRig(t *testing.T) *daemonRig {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
+	// A keeper a failed test left behind: its command line names the state
+	// directory.
+	t.Cleanup(func() { testenv.KillProcessesMentioning(dir) })
 	addr := &net.UnixAddr{Name: filepath.Join(dir, "notify.sock"), Net: "unixgram"}
 	conn, err := net.ListenUnixgram("unixgram", addr)
 	if err != nil {
@@ -110,11 +113,22 @@ func (r *daemonRig) stop() {
 	case <-time.After(20 * time.Second):
 		r.t.Fatalf("daemon did not exit after SIGTERM\n%s", r.stderr)
 	}
-	for _, s := range []string{r.sock(), filepath.Join(r.dir, "state", "task.sock")} {
+	for _, s := range []string{r.sock(), filepath.Join(r.dir, "state", "task-backend.sock")} {
 		if _, err := os.Stat(s); err == nil {
 			r.t.Errorf("socket %s left after shutdown", s)
 		}
 	}
+}
+
+// taskSocketServed tells whether something (the keeper) answers on the
+// task socket containerd dials.
+func (r *daemonRig) taskSocketServed() bool {
+	c, err := net.DialTimeout("unix", filepath.Join(r.dir, "state", "task.sock"), time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
 }
 
 func (r *daemonRig) client() sandboxapi.ControllerClient {
@@ -177,6 +191,10 @@ func TestDaemonRestartKeepsPods(t *testing.T) {
 	if err := unix.Kill(holder, 0); err != nil {
 		t.Fatalf("holder %d did not survive the daemon's shutdown: %v", holder, err)
 	}
+	// The keeper stays for the pod, serving containerd's task socket.
+	if !r.taskSocketServed() {
+		t.Error("nothing serves the task socket after the daemon stopped with a pod running")
+	}
 
 	r.start()
 	c = r.client()
@@ -205,6 +223,12 @@ func TestDaemonRestartKeepsPods(t *testing.T) {
 		t.Errorf("state left after Shutdown: %v", entries)
 	}
 	r.stop()
+	// No pod left: the keeper went with the daemon.
+	for _, s := range []string{"task.sock", "keeper.sock"} {
+		if _, err := os.Stat(filepath.Join(r.dir, "state", s)); err == nil {
+			t.Errorf("%s left after the daemon stopped with no pod", s)
+		}
+	}
 	if strings.Contains(r.stderr.String(), `"level":"error"`) {
 		t.Errorf("daemon logged errors:\n%s", r.stderr)
 	}

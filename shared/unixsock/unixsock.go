@@ -1,4 +1,6 @@
-package daemon
+// Package unixsock makes the unix sockets the daemons serve on: root-only from
+// the first moment, and never taking over a socket another process serves.
+package unixsock
 
 import (
 	"errors"
@@ -13,9 +15,9 @@ import (
 
 var umaskMu sync.Mutex
 
-// ListenUnix listens on a unix socket only root can connect to. A stale
+// Listen listens on a unix socket only root can connect to. A stale
 // socket file is replaced; a socket something still serves is an error.
-func ListenUnix(path string) (net.Listener, error) {
+func Listen(path string) (net.Listener, error) {
 	if len(path) >= 108 {
 		return nil, fmt.Errorf("socket path %s is %d bytes, the limit is 107", path, len(path))
 	}
