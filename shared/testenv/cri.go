@@ -315,6 +315,26 @@ func (e *Env) PodStatus(t testing.TB, podID string) *runtime.PodSandboxStatus {
 	return resp.Status
 }
 
+// WaitPodReady waits until the pod is ready, as kubelet would retry after
+// a sandboxer's restart: containerd redials a sandbox controller only after
+// its connection backoff (up to a few seconds).
+func (e *Env) WaitPodReady(t testing.TB, podID string, timeout time.Duration) {
+	t.Helper()
+	var (
+		resp *runtime.PodSandboxStatusResponse
+		err  error
+	)
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		ctx, cancel := callCtx()
+		resp, err = e.Runtime.PodSandboxStatus(ctx, &runtime.PodSandboxStatusRequest{PodSandboxId: podID})
+		cancel()
+		if err == nil && resp.Status.State == runtime.PodSandboxState_SANDBOX_READY {
+			return
+		}
+	}
+	t.Fatalf("pod %s not ready within %v: %v, %v", podID, timeout, resp.GetStatus().GetState(), err)
+}
+
 // PodIP returns the pod's primary IP address.
 func (e *Env) PodIP(t testing.TB, podID string) string {
 	t.Helper()

@@ -205,17 +205,7 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 	// ready, its container runs on and takes execs, and new containers
 	// start.
 	env.RestartSandboxer(t, handler, 2*time.Second)
-	// containerd reconnects to the controller after its backoff (at most
-	// 3 s), as kubelet would retry.
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(200 * time.Millisecond) {
-		st, err := env.Runtime.PodSandboxStatus(ctx, &runtime.PodSandboxStatusRequest{PodSandboxId: podID})
-		if err == nil && st.Status.State == runtime.PodSandboxState_SANDBOX_READY {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pod after the daemon's restart: %v, %v; want READY", st.GetStatus().GetState(), err)
-		}
-	}
+	env.WaitPodReady(t, podID, 20*time.Second)
 	if st := env.ContainerStatus(t, peerID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
 		t.Errorf("peer container after the daemon's restart: %v (exit %d), want RUNNING", st.State, st.ExitCode)
 	} else if out, _, code := env.ExecSync(t, peerID, 30*time.Second, "sh", "-c", "echo still-here"); out != "still-here\n" || code != 0 {

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
 	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
@@ -103,6 +104,61 @@ func TestFaultStateUnwritableAtCreate(t *testing.T) {
 	}
 	// Writable again: every family runs pods.
 	runs := n.runAll(t, "RunPods")
+	n.removeAll(t, "RemovePods", runs)
+	env.AssertNoLeaks(t, before, 60*time.Second)
+}
+
+// TestFaultKillSandboxer kills each sandboxer with SIGKILL while its pod
+// runs a long container and a short one that ends while the daemon is
+// down, then starts it again: the pod is ready, the long container still
+// runs and takes an exec, the short one reports its own exit code, and the
+// pod takes a new container. The keeper (package keeper) keeps containerd's
+// task connections across the restart.
+func TestFaultKillSandboxer(t *testing.T) {
+	n := startNode(t)
+	env := n.env
+	before := env.Snapshot()
+	var runs []*podRun
+	for _, f := range n.fams {
+		if f.survivesKill {
+			runs = append(runs, n.runPod(t, f))
+		}
+	}
+	ctx := t.Context()
+	for _, r := range runs {
+		t.Run(r.fam.name, func(t *testing.T) {
+			// The short container ends 2 s after its start; the daemon is
+			// down from about then for 4 s.
+			short := testenv.ContainerConfig("short-"+r.fam.name, "sh", "-c", "sleep 2; exit 42")
+			shortID := env.CreateStartContainer(t, r.podID, r.podCfg, short)
+			daemonPID := env.DaemonPID(r.fam.handler)
+			t0 := time.Now()
+			env.KillSandboxer(t, r.fam.handler, 4*time.Second)
+			t.Logf("%s killed (pid %d) and serving again after %v", r.fam.handler, daemonPID, time.Since(t0).Round(time.Millisecond))
+
+			env.WaitPodReady(t, r.podID, 20*time.Second)
+			if st := env.ContainerStatus(t, r.ctrID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
+				t.Fatalf("long container after the sandboxer's restart: %v (exit %d, %s), want RUNNING", st.State, st.ExitCode, st.Reason)
+			}
+			if out, _, code := env.ExecSync(t, r.ctrID, 60*time.Second, "sh", "-c", "echo alive; exit 5"); out != "alive\n" || code != 5 {
+				t.Errorf("ExecSync after the sandboxer's restart: %q, exit %d; want alive, 5", out, code)
+			}
+			if code := env.WaitContainerExited(t, shortID, 30*time.Second); code != 42 {
+				t.Errorf("the container that ended while the sandboxer was down reports exit %d, want 42", code)
+			}
+			after := testenv.ContainerConfig("after-"+r.fam.name, "sh", "-c", "echo after-restart")
+			env.CreateStartContainer(t, r.podID, r.podCfg, after)
+			if log := env.WaitLog(t, r.podCfg, after, "after-restart\n", 60*time.Second); !strings.Contains(log, "after-restart\n") {
+				t.Errorf("a container started after the restart logged %q", log)
+			}
+			if _, err := env.Runtime.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: r.ctrID, Timeout: 1}); err != nil {
+				t.Fatalf("StopContainer after the sandboxer's restart: %v", err)
+			}
+			if st := env.ContainerStatus(t, r.ctrID); st.State != runtime.ContainerState_CONTAINER_EXITED {
+				t.Errorf("long container after StopContainer: %v, want EXITED", st.State)
+			}
+		})
+	}
 	n.removeAll(t, "RemovePods", runs)
 	env.AssertNoLeaks(t, before, 60*time.Second)
 }

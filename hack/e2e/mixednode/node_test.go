@@ -67,7 +67,10 @@ type family struct {
 	done        string
 	exitCode    int32 // the container's own exit code; -1: it keeps running
 	busybox     bool  // ExecSync of busybox tools works (ip, ping)
-	check       func(t testing.TB, log string)
+	// survivesKill: a SIGKILL of the sandboxer loses no container nor exit
+	// status (TestFaultKillSandboxer).
+	survivesKill bool
+	check        func(t testing.TB, log string)
 }
 
 var (
@@ -223,7 +226,7 @@ func families(guestKernel string) []family {
 		},
 		{
 			name: "vm", handler: vmmHandler, container: busybox("vm", "echo kernel=$(uname -r); cat /proc/version; "),
-			done: "done-vm\n", exitCode: -1, busybox: true,
+			done: "done-vm\n", exitCode: -1, busybox: true, survivesKill: true,
 			check: func(t testing.TB, log string) {
 				t.Helper()
 				checkWork(t, log)
