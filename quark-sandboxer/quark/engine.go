@@ -30,6 +30,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/reap"
 )
 
@@ -197,7 +198,7 @@ func (e *Engine) kill(pid int, exited <-chan controller.Exit) {
 }
 
 func startTimeOf(pid int) uint64 {
-	st, _ := holder.StartTime(pid)
+	st, _ := proc.StartTime(pid)
 	return st
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/cgroup"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 )
 
@@ -208,7 +209,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (<-chan controlle
 		return nil, err
 	}
 	st.Pid = started.Pid
-	st.StartTime, err = holder.StartTime(started.Pid)
+	st.StartTime, err = proc.StartTime(started.Pid)
 	if err == nil {
 		st.EngineState = pod.State
 		err = save(sb, st)

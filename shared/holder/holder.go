@@ -6,7 +6,6 @@
 package holder
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -14,8 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -23,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/shared/holder/pid1"
+	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/reap"
 )
 
@@ -132,7 +130,7 @@ func Start(ctx context.Context, spec Spec) (*Holder, <-chan Exit, error) {
 		<-exited
 		return nil, nil, fmt.Errorf("holder did not start: %w", err)
 	}
-	st, err := StartTime(pid)
+	st, err := proc.StartTime(pid)
 	if err != nil {
 		unix.Kill(pid, unix.SIGKILL)
 		<-exited
@@ -212,41 +210,7 @@ func Stop(h Holder, timeout time.Duration) error {
 }
 
 // Alive reports whether h still runs (and is not a zombie).
-func Alive(h Holder) (bool, error) {
-	st, state, err := stat(h.Pid)
-	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	return st == h.StartTime && state != "Z" && state != "X", nil
-}
-
-// StartTime reads a process's start time from /proc.
-func StartTime(pid int) (uint64, error) {
-	st, _, err := stat(pid)
-	return st, err
-}
-
-func stat(pid int) (startTime uint64, state string, err error) {
-	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, "", err
-	}
-	// The command name is in parentheses and may hold spaces.
-	i := bytes.LastIndexByte(data, ')')
-	if i < 0 {
-		return 0, "", fmt.Errorf("parse /proc/%d/stat", pid)
-	}
-	fields := strings.Fields(string(data[i+1:]))
-	// fields[0] is field 3 (state); start time is field 22.
-	if len(fields) < 20 {
-		return 0, "", fmt.Errorf("parse /proc/%d/stat", pid)
-	}
-	startTime, err = strconv.ParseUint(fields[19], 10, 64)
-	return startTime, fields[0], err
-}
+func Alive(h Holder) (bool, error) { return proc.Alive(h.Pid, h.StartTime) }
 
 // exitStatusUnknown is reported for a holder that ended while it was not
 // this process's child, whose status cannot be collected.

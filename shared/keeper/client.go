@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kuasar-go/kuasar-go/shared/spawn"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
@@ -71,6 +72,12 @@ func Ensure(ctx context.Context, dir string, log *zap.Logger) (*Client, error) {
 			return nil, fmt.Errorf("keeper did not answer within %v: %w; see %s", startTimeout, err, filepath.Join(dir, LogName))
 		}
 	}
+}
+
+// Spawner starts processes through the keeper, which becomes their
+// parent and the reaper of what they leave behind (container processes).
+func (c *Client) Spawner() *spawn.Client {
+	return &spawn.Client{Socket: filepath.Join(c.dir, SpawnSocketName)}
 }
 
 // Pid is the keeper's process ID.

@@ -27,6 +27,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
 
+	"github.com/kuasar-go/kuasar-go/shared/spawn"
 	"github.com/kuasar-go/kuasar-go/shared/ttrpcproxy"
 	"github.com/kuasar-go/kuasar-go/shared/unixsock"
 )
@@ -37,6 +38,9 @@ const (
 	envMarker = "KUASAR_GO_KEEPER_DIR"
 	// SocketName is the control socket, in the state directory.
 	SocketName = "keeper.sock"
+	// SpawnSocketName is where the keeper starts processes for the daemon
+	// (package spawn), in the state directory.
+	SpawnSocketName = "spawn.sock"
 	// LogName is the keeper's log file, in the state directory: the keeper
 	// must not hold the daemon's stderr, which may be a pipe someone waits
 	// to see closed.
@@ -114,6 +118,20 @@ func newLogger(path string) (*zap.Logger, error) {
 }
 
 func run(dir string, log *zap.Logger) error {
+	// Container processes the daemon has the keeper start are orphaned to
+	// it when the runtime CLI exits; it records their exits for whichever
+	// daemon instance asks.
+	spawner, err := spawn.NewServer(log.Named("spawn"), 0)
+	if err != nil {
+		return err
+	}
+	defer spawner.Close()
+	sl, err := unixsock.Listen(filepath.Join(dir, SpawnSocketName))
+	if err != nil {
+		return fmt.Errorf("spawn socket: %w", err)
+	}
+	defer os.Remove(filepath.Join(dir, SpawnSocketName))
+	go spawner.Serve(sl)
 	l, err := unixsock.Listen(filepath.Join(dir, SocketName))
 	if err != nil {
 		return fmt.Errorf("control socket: %w", err)

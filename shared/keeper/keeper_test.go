@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -30,7 +31,7 @@ func TestMain(m *testing.M) {
 // tell which backend answered.
 type connectService struct {
 	taskAPI.TTRPCTaskService // nil: only Connect is called
-	pid uint32
+	pid                      uint32
 }
 
 func (s *connectService) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
@@ -123,6 +124,39 @@ func TestKeeperOutlivesItsDaemon(t *testing.T) {
 		if err := again.Listen(ctx, c.address, c.backend); err == nil {
 			t.Errorf("%s: Listen(%q, %q) succeeded", c.name, c.address, c.backend)
 		}
+	}
+
+	// Processes started through the keeper are its children, and what they
+	// leave behind is recorded there for the next daemon instance.
+	sp := again.Spawner()
+	cmd := exec.Command("sh", "-c", "sh -c 'exit 7' & wait; exit 3")
+	ec, err := sp.Start(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if status, err := sp.Wait(cmd, ec); err != nil || status != 3 {
+		t.Errorf("a command through the keeper: %d, %v; want 3", status, err)
+	}
+	orphan := exec.Command("sh", "-c", "(sleep 0.1; exit 5) & echo $!")
+	var out strings.Builder
+	orphan.Stdout = &out
+	if ec, err = sp.Start(orphan); err != nil {
+		t.Fatal(err)
+	}
+	sp.Wait(orphan, ec)
+	orphanPid, _ := strconv.Atoi(strings.TrimSpace(out.String()))
+	var found bool
+	for deadline := time.Now().Add(5 * time.Second); !found && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		exits, _, err := sp.Recorded(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range exits {
+			found = found || (e.Pid == orphanPid && e.Status == 5)
+		}
+	}
+	if !found {
+		t.Errorf("the orphan %d's exit 5 is not recorded by the keeper", orphanPid)
 	}
 
 	if err := again.Close(ctx, address); err != nil {

@@ -22,7 +22,7 @@ import (
 	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
 	"github.com/kuasar-go/kuasar-go/shared/cgroup"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
-	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/agentclient"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
@@ -70,7 +70,7 @@ func (st *state) taskSocket() string { return filepath.Join(st.VMDir, "task.sock
 // taskBackendSocket is where the daemon serves the pod's task API, behind
 // the keeper's taskSocket.
 func (st *state) taskBackendSocket() string { return filepath.Join(st.VMDir, "task-backend.sock") }
-func (st *state) recordDir() string  { return filepath.Join(st.VMDir, "containers") }
+func (st *state) recordDir() string         { return filepath.Join(st.VMDir, "containers") }
 
 // pod is a running pod's VM and what serves it.
 type pod struct {
@@ -268,7 +268,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 		return nil, fmt.Errorf("place the VMM in the pod cgroup: %w", err)
 	}
 	st.VMMPid = vm.PID()
-	if st.VMMStartTime, err = holder.StartTime(st.VMMPid); err != nil {
+	if st.VMMStartTime, err = proc.StartTime(st.VMMPid); err != nil {
 		return nil, err
 	}
 
