@@ -3,9 +3,11 @@ package hostpod
 import (
 	"context"
 	"os"
+	"path/filepath"
 
 	"go.uber.org/zap"
 
+	"github.com/containerd/go-runc"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
@@ -45,7 +47,18 @@ func run(name string, cfg daemon.Config, newRuntime NewRuntime) error {
 	if err != nil {
 		return err
 	}
-	tasks, err := task.New(TaskSandboxes{Controller: ctrl}, base.Events, rt, base.Log.Named("task"))
+	var opts []task.Option
+	if _, ok := rt.(task.Restorer); ok {
+		// Containers outlive the daemon: the keeper runs the runtime CLI,
+		// so it is the parent of the container processes and records
+		// their exits, and the service records its containers for the
+		// next instance, which restores them.
+		spawner := base.Keeper.Spawner()
+		runc.Monitor = spawner
+		opts = append(opts, task.WithExits(keeperExits{spawner: spawner, log: base.Log.Named("exits")}),
+			task.WithRecords(filepath.Join(base.Flags.Dir, "tasks")))
+	}
+	tasks, err := task.New(TaskSandboxes{Controller: ctrl}, base.Events, rt, base.Log.Named("task"), opts...)
 	if err != nil {
 		rt.Close()
 		return err

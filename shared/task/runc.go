@@ -69,6 +69,18 @@ func (rt *RuncRuntime) Close() error { return rt.platform.Close() }
 // options fills the runtime binary and root from the daemon config where
 // containerd's runtime options leave them empty.
 func (rt *RuncRuntime) options(in *anypb.Any) (*anypb.Any, error) {
+	opts, err := rt.cfg.Resolve(in)
+	if err != nil {
+		return nil, err
+	}
+	return typeurl.MarshalAnyToProto(opts)
+}
+
+// Resolve decodes containerd's runc runtime options (nil or empty: none)
+// and fills the binary and root from cfg where they leave them empty, so
+// that every runc-family runtime resolves a request's options alike.
+// Options of another type are InvalidArgument.
+func (cfg RuntimeConfig) Resolve(in *anypb.Any) (*options.Options, error) {
 	opts := &options.Options{}
 	if in.GetValue() != nil {
 		v, err := typeurl.UnmarshalAny(in)
@@ -82,15 +94,15 @@ func (rt *RuncRuntime) options(in *anypb.Any) (*anypb.Any, error) {
 		opts = o
 	}
 	if opts.BinaryName == "" {
-		opts.BinaryName = rt.cfg.Binary
+		opts.BinaryName = cfg.Binary
 	}
 	if opts.Root == "" {
-		opts.Root = rt.cfg.Root
+		opts.Root = cfg.Root
 	}
-	if rt.cfg.SystemdCgroup {
+	if cfg.SystemdCgroup {
 		opts.SystemdCgroup = true
 	}
-	return typeurl.MarshalAnyToProto(opts)
+	return opts, nil
 }
 
 // runcContainer adapts containerd's runc container to Container.

@@ -48,3 +48,23 @@ type Runtime interface {
 	Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (Container, error)
 	Close() error
 }
+
+// Recorded is a Container that can describe itself, so that a new daemon
+// instance can rebuild it (Restorer) after a restart.
+type Recorded interface {
+	Record() ([]byte, error)
+}
+
+// Restorer is a Runtime that rebuilds containers from what their Record
+// returned. The rebuilt container's processes are in their recorded state;
+// the service finds out which of them still run.
+type Restorer interface {
+	Restore(ctx context.Context, record []byte) (Container, error)
+}
+
+// StartTimer is a process that knows its start time (clock ticks since
+// boot, /proc/<pid>/stat field 22), which with its PID names it across PID
+// reuse.
+type StartTimer interface {
+	StartTime() uint64
+}

@@ -25,10 +25,8 @@ import (
 	"github.com/containerd/containerd/v2/core/runtime"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/protobuf"
-	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
-	runcC "github.com/containerd/go-runc"
 	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -69,7 +67,7 @@ type containerEntry struct {
 	initExited   bool
 	// heldInitExit is the init's exit while execs still run: containerd must
 	// see the init exit last.
-	heldInitExit *runcC.Exit
+	heldInitExit *Exit
 }
 
 type processRef struct {
@@ -85,7 +83,8 @@ type Service struct {
 	log       *zap.Logger
 	ctx       context.Context
 	cancel    context.CancelFunc
-	exits     chan runcC.Exit
+	exitSrc   ExitSource
+	recordDir string
 	oom1      oomWatcher
 
 	mu         sync.Mutex
@@ -93,8 +92,23 @@ type Service struct {
 	running    map[int][]processRef
 	// starting collects exits while processes start, so that a process that
 	// exits before its PID is known is still reported.
-	starting map[*map[int][]runcC.Exit]struct{}
+	starting map[*map[int][]Exit]struct{}
+	// recordMu orders the writes of container records.
+	recordMu sync.Mutex
 }
+
+// Option configures a Service.
+type Option func(*Service)
+
+// WithExits makes src the source of container process exits; the default
+// is the daemon's own reaper (ReaperExits).
+func WithExits(src ExitSource) Option { return func(s *Service) { s.exitSrc = src } }
+
+// WithRecords keeps a record of every container in dir, so that a new
+// instance of the daemon serves the containers of the previous one: New
+// restores them. The Runtime must be a Restorer and its containers
+// Recorded.
+func WithRecords(dir string) Option { return func(s *Service) { s.recordDir = dir } }
 
 type oomWatcher interface {
 	Add(id string, cg interface{}) error
@@ -102,10 +116,12 @@ type oomWatcher interface {
 	Close() error
 }
 
-// New returns a task service whose containers rt makes. The process must
-// already be a child subreaper reaping through containerd's reaper (see
-// package reap). The service owns rt and closes it.
-func New(sandboxes Sandboxes, publisher Publisher, rt Runtime, log *zap.Logger) (*Service, error) {
+// New returns a task service whose containers rt makes. Unless an exit
+// source is given, the process must already be a child subreaper reaping
+// through containerd's reaper (see package reap). With records, it first
+// restores the containers a previous instance recorded. The service owns
+// rt and closes it.
+func New(sandboxes Sandboxes, publisher Publisher, rt Runtime, log *zap.Logger, opts ...Option) (*Service, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{
 		sandboxes:  sandboxes,
@@ -114,10 +130,24 @@ func New(sandboxes Sandboxes, publisher Publisher, rt Runtime, log *zap.Logger) 
 		log:        log,
 		ctx:        ctx,
 		cancel:     cancel,
-		exits:      reaper.Default.Subscribe(),
+		exitSrc:    ReaperExits{},
 		containers: map[string]*containerEntry{},
 		running:    map[int][]processRef{},
-		starting:   map[*map[int][]runcC.Exit]struct{}{},
+		starting:   map[*map[int][]Exit]struct{}{},
+	}
+	for _, o := range opts {
+		o(s)
+	}
+	recorded, live, err := s.exitSrc.Subscribe(ctx)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("exits of container processes: %w", err)
+	}
+	if s.recordDir != "" {
+		if err := s.restore(ctx, recorded); err != nil {
+			cancel()
+			return nil, err
+		}
 	}
 	if w, err := newOOMv1Watcher(s); err == nil {
 		s.oom1 = w
@@ -125,7 +155,7 @@ func New(sandboxes Sandboxes, publisher Publisher, rt Runtime, log *zap.Logger) 
 	} else {
 		log.Debug("cgroup v1 OOM watching unavailable", zap.Error(err))
 	}
-	go s.processExits()
+	go s.processExits(live)
 	return s, nil
 }
 
@@ -137,7 +167,6 @@ func (s *Service) Register(srv *ttrpc.Server) {
 // Close stops exit and OOM processing; containers keep running.
 func (s *Service) Close() error {
 	s.cancel()
-	reaper.Default.Unsubscribe(s.exits)
 	if s.oom1 != nil {
 		s.oom1.Close()
 	}
@@ -174,7 +203,7 @@ func validateExecID(execID string) error {
 // preStart registers a collector for exits that happen while a process
 // starts; handleStarted hands the process over to normal exit handling.
 func (s *Service) preStart() (handleStarted func(c *containerEntry, p process.Process), cleanup func()) {
-	exits := map[int][]runcC.Exit{}
+	exits := map[int][]Exit{}
 	s.mu.Lock()
 	s.starting[&exits] = struct{}{}
 	s.mu.Unlock()
@@ -187,8 +216,13 @@ func (s *Service) preStart() (handleStarted func(c *containerEntry, p process.Pr
 		if p != nil {
 			pid = p.Pid()
 		}
-		early, exited := exits[pid]
-		if pid == 0 || !exited {
+		var early []Exit
+		for _, e := range exits[pid] {
+			if e.same(pid, startTimeOf(p)) {
+				early = append(early, e)
+			}
+		}
+		if pid == 0 || len(early) == 0 {
 			if pid != 0 {
 				s.running[pid] = append(s.running[pid], processRef{c: c, p: p})
 			}
@@ -253,6 +287,14 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 		return nil, errgrpc.ToGRPC(fmt.Errorf("create container %s: %w", r.ID, err))
 	}
 	c := &containerEntry{Container: rc, sandboxID: sandboxID, namespace: ns}
+	// A container the next daemon instance would not know must not run.
+	if err := s.writeRecord(c); err != nil {
+		s.discard(ctx, c)
+		s.mu.Lock()
+		delete(s.containers, r.ID)
+		s.mu.Unlock()
+		return nil, errgrpc.ToGRPC(fmt.Errorf("create container %s: %w", r.ID, err))
+	}
 	s.mu.Lock()
 	s.containers[r.ID] = c
 	s.mu.Unlock()
@@ -352,6 +394,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		s.publish(c.namespace, runtime.TaskExecStartedEventTopic, &eventstypes.TaskExecStarted{ContainerID: c.ID(), ExecID: r.ExecID, Pid: uint32(p.Pid())})
 	}
 	handleStarted(c, p)
+	s.updateRecord(c)
 	return &taskAPI.StartResponse{Pid: uint32(p.Pid())}, nil
 }
 
@@ -369,10 +412,13 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if r.ExecID == "" {
+	if r.ExecID != "" {
+		s.updateRecord(c)
+	} else {
 		s.mu.Lock()
 		delete(s.containers, r.ID)
 		s.mu.Unlock()
+		s.removeRecord(r.ID)
 		s.publish(c.namespace, runtime.TaskDeleteEventTopic, &eventstypes.TaskDelete{
 			ContainerID: c.ID(),
 			Pid:         uint32(p.Pid()),
@@ -408,6 +454,7 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emp
 		cancel()
 		return nil, errgrpc.ToGRPC(err)
 	}
+	s.updateRecord(c)
 	s.publish(c.namespace, runtime.TaskExecAddedEventTopic, &eventstypes.TaskExecAdded{ContainerID: c.ID(), ExecID: p.ID()})
 	return empty, nil
 }
@@ -624,15 +671,26 @@ func (s *Service) Containers(sandboxID string) []string {
 	return ids
 }
 
-// processExits matches reaped children to the processes they were.
-func (s *Service) processExits() {
-	for e := range s.exits {
+// processExits matches exits to the processes they were.
+func (s *Service) processExits(exits <-chan Exit) {
+	for e := range exits {
 		s.mu.Lock()
 		for exits := range s.starting {
 			(*exits)[e.Pid] = append((*exits)[e.Pid], e)
 		}
-		refs := s.running[e.Pid]
-		delete(s.running, e.Pid)
+		var refs, others []processRef
+		for _, ref := range s.running[e.Pid] {
+			if e.same(e.Pid, startTimeOf(ref.p)) {
+				refs = append(refs, ref)
+			} else {
+				others = append(others, ref)
+			}
+		}
+		if len(others) > 0 {
+			s.running[e.Pid] = others
+		} else {
+			delete(s.running, e.Pid)
+		}
 		s.mu.Unlock()
 		for _, ref := range refs {
 			if init, _ := ref.c.Process(""); init == ref.p {
@@ -646,7 +704,7 @@ func (s *Service) processExits() {
 	}
 }
 
-func (s *Service) handleExit(e runcC.Exit, ref processRef) {
+func (s *Service) handleExit(e Exit, ref processRef) {
 	if init, _ := ref.c.Process(""); init != ref.p {
 		s.publishExit(e, ref)
 		s.execEnded(ref.c)
@@ -671,7 +729,7 @@ func (s *Service) handleExit(e runcC.Exit, ref processRef) {
 func (s *Service) execEnded(c *containerEntry) {
 	s.mu.Lock()
 	c.runningExecs--
-	var held *runcC.Exit
+	var held *Exit
 	if c.runningExecs == 0 {
 		held, c.heldInitExit = c.heldInitExit, nil
 	}
@@ -682,8 +740,9 @@ func (s *Service) execEnded(c *containerEntry) {
 	}
 }
 
-func (s *Service) publishExit(e runcC.Exit, ref processRef) {
+func (s *Service) publishExit(e Exit, ref processRef) {
 	ref.p.SetExited(e.Status)
+	s.updateRecord(ref.c)
 	s.publish(ref.c.namespace, runtime.TaskExitEventTopic, &eventstypes.TaskExit{
 		ContainerID: ref.c.ID(),
 		ID:          ref.p.ID(),
