@@ -203,13 +203,13 @@ func (b *Base) Serve(ctrl *controller.Server, registerTasks func(*ttrpc.Server))
 		os.Remove(b.TaskBackendSocket())
 	}
 	os.Remove(b.Flags.Listen)
-	b.stopIdleKeeper(ctrl)
 	return serveErr
 }
 
-// stopIdleKeeper ends the keeper when no pod is left: with pods, it keeps
-// containerd's task connections for the next instance of the daemon.
-func (b *Base) stopIdleKeeper(ctrl *controller.Server) {
+// StopIdleKeeper ends the keeper when no pod is left: with pods, it keeps
+// containerd's task connections, and the containers it started, for the
+// next instance of the daemon. Call it last, once nothing uses the keeper.
+func (b *Base) StopIdleKeeper(ctrl *controller.Server) {
 	if ids := ctrl.IDs(); len(ids) > 0 {
 		b.Log.Info("keeper stays for the pods", zap.Int("keeper", b.Keeper.Pid()), zap.Int("pods", len(ids)))
 		return

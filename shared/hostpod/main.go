@@ -43,6 +43,7 @@ func run(name string, cfg daemon.Config, newRuntime NewRuntime) error {
 	if err != nil {
 		return err
 	}
+	defer base.StopIdleKeeper(ctrl)
 	rt, err := newRuntime(base)
 	if err != nil {
 		return err

@@ -343,6 +343,47 @@ func (c *Client) dial(ctx context.Context) (*net.UnixConn, error) {
 	return conn.(*net.UnixConn), nil
 }
 
+// Hold has the server keep duplicates of files under key (replacing what
+// key held) until Release: the IO ends of processes that must not see
+// their peer go away while the daemon restarts.
+func (c *Client) Hold(ctx context.Context, key string, files ...*os.File) error {
+	fds := make([]int, len(files))
+	for i, f := range files {
+		fds[i] = int(f.Fd())
+	}
+	err := c.holdCall(ctx, request{Op: opHold, Key: key, NFDs: len(fds)}, fds)
+	runtime.KeepAlive(files) // open until sent
+	return err
+}
+
+// Release closes what the server holds under key and under every key
+// below it ("key/...").
+func (c *Client) Release(ctx context.Context, key string) error {
+	return c.holdCall(ctx, request{Op: opRelease, Key: key}, nil)
+}
+
+func (c *Client) holdCall(ctx context.Context, req request, fds []int) error {
+	conn, err := c.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	if err := writeMsg(conn, req, fds); err != nil {
+		return fmt.Errorf("spawn: %s %s: %w", req.Op, req.Key, err)
+	}
+	var reply holdReply
+	if err := readMsg(bufio.NewReader(conn), &reply); err != nil {
+		return fmt.Errorf("spawn: %s %s: %w", req.Op, req.Key, err)
+	}
+	if reply.Error != "" {
+		return fmt.Errorf("spawn: %s", reply.Error)
+	}
+	return nil
+}
+
 // Recorded returns every orphan exit the server still records, oldest
 // first, and the sequence number to Subscribe after so that no exit is
 // missed nor seen twice: a restarted daemon reads what ended while it was

@@ -39,6 +39,8 @@ const (
 	opSpawn     = "spawn"
 	opSubscribe = "subscribe"
 	opRecorded  = "recorded"
+	opHold      = "hold"
+	opRelease   = "release"
 
 	// maxMessage bounds what a peer can make the other side allocate; an
 	// environment plus arguments is far below it.
@@ -71,6 +73,14 @@ type request struct {
 
 	// subscribe
 	Since uint64 `json:"since,omitempty"`
+
+	// hold, release
+	Key string `json:"key,omitempty"`
+}
+
+// holdReply answers hold and release.
+type holdReply struct {
+	Error string `json:"error,omitempty"`
 }
 
 // spawnReply answers a spawn request once the process is started or has

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -38,6 +39,9 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
 	closed    bool
+
+	heldMu sync.Mutex
+	held   map[string][]int // descriptors kept for clients (hold), by key
 
 	done  chan struct{} // closed by Close
 	sigs  chan os.Signal
@@ -191,6 +195,12 @@ func (s *Server) handle(c *net.UnixConn) {
 	case opSubscribe:
 		closeFDs(fds)
 		s.subscribe(c, req.Since)
+	case opHold:
+		_ = writeMsg(c, s.hold(req.Key, fds), nil)
+	case opRelease:
+		closeFDs(fds)
+		s.release(req.Key)
+		_ = writeMsg(c, holdReply{}, nil)
 	case opRecorded:
 		closeFDs(fds)
 		s.mu.Lock()
@@ -463,4 +473,35 @@ func exitStatus(ws unix.WaitStatus) int {
 func siginfoPid(info *unix.Siginfo) int {
 	off := (3*4 + unsafe.Sizeof(uintptr(0)) - 1) &^ (unsafe.Sizeof(uintptr(0)) - 1)
 	return int(*(*int32)(unsafe.Add(unsafe.Pointer(info), off)))
+}
+
+// hold keeps fds under key, replacing (and closing) what key held: a
+// daemon keeps there the ends of its processes' IO that must stay open
+// while it restarts.
+func (s *Server) hold(key string, fds []int) holdReply {
+	if key == "" {
+		closeFDs(fds)
+		return holdReply{Error: "hold: empty key"}
+	}
+	s.heldMu.Lock()
+	defer s.heldMu.Unlock()
+	if s.held == nil {
+		s.held = map[string][]int{}
+	}
+	closeFDs(s.held[key])
+	s.held[key] = fds
+	return holdReply{}
+}
+
+// release closes what key holds, and what every key below it ("key/...")
+// holds.
+func (s *Server) release(key string) {
+	s.heldMu.Lock()
+	defer s.heldMu.Unlock()
+	for k, fds := range s.held {
+		if k == key || strings.HasPrefix(k, key+"/") {
+			closeFDs(fds)
+			delete(s.held, k)
+		}
+	}
 }

@@ -3,6 +3,7 @@ package spawn
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -691,4 +692,45 @@ func TestRuncVersion(t *testing.T) {
 		t.Fatalf("start of a missing container: %v", err)
 	}
 	t.Log(err)
+}
+
+// A held pipe end keeps the pipe open after the client closed its own, until
+// released: a reader sees EOF only then. Release of a prefix releases the
+// keys below it.
+func TestHoldRelease(t *testing.T) {
+	srv := startServer(t, 0)
+	ctx := t.Context()
+	eof := func(r *os.File) bool {
+		r.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		_, err := r.Read(make([]byte, 1))
+		return errors.Is(err, io.EOF)
+	}
+	var readers []*os.File
+	for _, key := range []string{"pod/a", "pod/b", "other"} {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		if err := srv.Hold(ctx, key, w); err != nil {
+			t.Fatalf("Hold(%s): %v", key, err)
+		}
+		w.Close()
+		if eof(r) {
+			t.Fatalf("%s: EOF while the server holds the write end", key)
+		}
+		readers = append(readers, r)
+	}
+	if err := srv.Release(ctx, "pod"); err != nil {
+		t.Fatal(err)
+	}
+	if !eof(readers[0]) || !eof(readers[1]) {
+		t.Error("the keys below pod/ are still held after Release(pod)")
+	}
+	if eof(readers[2]) {
+		t.Error("Release(pod) released other")
+	}
+	if err := srv.Hold(ctx, ""); err == nil {
+		t.Error("Hold with an empty key succeeded")
+	}
 }

@@ -90,6 +90,7 @@ type ioSlot struct {
 	started     chan struct{}
 	startedOnce sync.Once
 	attached    bool // a host stream was accepted (under Containers.mu)
+	ended       bool // the process's output is over (under Containers.mu)
 	cancel      context.CancelFunc
 	ctx         context.Context
 }
@@ -231,32 +232,104 @@ func (c *Containers) makeIO(id, execID string, want [3]bool) (paths [3]string, u
 // arrives, until the process's side ends (stdout, stderr) or the host's
 // (stdin), or the process is deleted.
 func (c *Containers) bridge(k streamKey, s *ioSlot) {
-	var conn net.Conn
+	defer s.f.Close()
+	output := k.kind != vmmtask.IOStreamHeader_STDIN
+	conn, ok := c.nextConn(s, output)
+	if !ok {
+		return
+	}
+	if !output {
+		c.bridgeStdin(k, s, conn)
+		return
+	}
+	c.bridgeOutput(k, s, conn)
+}
+
+// nextConn waits for the host's (next) stream of a slot. An output stream
+// is watched: the host never writes on one, so a read returning means the
+// host went away, and the slot takes the next one.
+func (c *Containers) nextConn(s *ioSlot, output bool) (net.Conn, bool) {
 	select {
-	case conn = <-s.conn:
+	case conn := <-s.conn:
+		context.AfterFunc(s.ctx, func() { conn.Close() })
+		if output {
+			c.watch(s, conn)
+		}
+		return conn, true
+	case <-s.ctx.Done():
+		return nil, false
+	}
+}
+
+func (c *Containers) watch(s *ioSlot, conn net.Conn) {
+	go func() {
+		_, _ = conn.Read(make([]byte, 1))
+		c.mu.Lock()
+		s.attached = false
+		c.mu.Unlock()
+	}()
+}
+
+// bridgeOutput copies a process's output to the host. When the host drops
+// the stream (its daemon restarted), the FIFO stays open and what was read
+// waits for the host to attach again: the process blocks once the FIFO is
+// full instead of dying of SIGPIPE, and nothing is lost.
+func (c *Containers) bridgeOutput(k streamKey, s *ioSlot, conn net.Conn) {
+	defer func() {
+		c.mu.Lock()
+		s.ended = true
+		c.mu.Unlock()
+		conn.Close()
+		select {
+		case late := <-s.conn:
+			late.Close()
+		default:
+		}
+	}()
+	buf := make([]byte, 32<<10)
+	for {
+		n, rerr := s.f.Read(buf)
+		// A host that attached again while this waited for output takes
+		// over from here.
+		select {
+		case next := <-s.conn:
+			conn.Close()
+			conn = next
+			context.AfterFunc(s.ctx, func() { next.Close() })
+			c.watch(s, next)
+		default:
+		}
+		for n > 0 {
+			if _, err := conn.Write(buf[:n]); err == nil {
+				break
+			}
+			conn.Close()
+			c.Log.Info("host stream lost; waiting for the host to attach again", zap.String("container", k.container), zap.String("exec", k.exec), zap.Stringer("stream", k.kind))
+			var ok bool
+			if conn, ok = c.nextConn(s, true); !ok {
+				return
+			}
+		}
+		if rerr != nil {
+			return
+		}
+	}
+}
+
+func (c *Containers) bridgeStdin(k streamKey, s *ioSlot, conn net.Conn) {
+	defer conn.Close()
+	_, _ = io.Copy(s.f, conn)
+	// The host closed stdin: so does the process's, once started.
+	s.f.Close()
+	select {
+	case <-s.started:
 	case <-s.ctx.Done():
 		return
 	}
-	defer conn.Close()
-	stop := context.AfterFunc(s.ctx, func() { conn.Close() })
-	defer stop()
-	defer s.f.Close()
-	if k.kind == vmmtask.IOStreamHeader_STDIN {
-		_, _ = io.Copy(s.f, conn)
-		// The host closed stdin: so does the process's, once started.
-		s.f.Close()
-		select {
-		case <-s.started:
-		case <-s.ctx.Done():
-			return
-		}
-		_, err := c.svc.CloseIO(c.ctx, &taskAPI.CloseIORequest{ID: k.container, ExecID: k.exec, Stdin: true})
-		if err != nil {
-			c.Log.Debug("close stdin", zap.String("container", k.container), zap.String("exec", k.exec), zap.Error(err))
-		}
-		return
+	_, err := c.svc.CloseIO(c.ctx, &taskAPI.CloseIORequest{ID: k.container, ExecID: k.exec, Stdin: true})
+	if err != nil {
+		c.Log.Debug("close stdin", zap.String("container", k.container), zap.String("exec", k.exec), zap.Error(err))
 	}
-	_, _ = io.Copy(conn, s.f)
 }
 
 // ServeIO accepts the host's IO streams on l: each starts with a
@@ -285,6 +358,8 @@ func (c *Containers) attach(conn net.Conn) {
 			err = fmt.Errorf("no %s stream was asked for process %q of container %q", h.Kind, h.ExecId, h.ContainerId)
 		case s.attached:
 			err = fmt.Errorf("the %s stream of process %q of container %q is already attached", h.Kind, h.ExecId, h.ContainerId)
+		case s.ended:
+			err = fmt.Errorf("the %s stream of process %q of container %q has ended", h.Kind, h.ExecId, h.ContainerId)
 		default:
 			s.attached = true
 		}

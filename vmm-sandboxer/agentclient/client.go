@@ -170,6 +170,18 @@ func (c *Client) Exec(ctx context.Context, containerID, execID string, spec *spe
 	return p, nil
 }
 
+// AttachIO returns a handle on a process the guest already has (one
+// created before the host's daemon restarted) with its output streams
+// attached again: the guest kept the output while no host was attached.
+func (c *Client) AttachIO(ctx context.Context, containerID, execID string, stdio Stdio) (*Process, error) {
+	p := c.Attach(containerID, execID)
+	if err := p.attach(ctx, stdio); err != nil {
+		p.closeStreams()
+		return nil, err
+	}
+	return p, nil
+}
+
 // Attach returns a handle on a process the guest already has (one created
 // before the host's daemon restarted), without IO streams.
 func (c *Client) Attach(containerID, execID string) *Process {

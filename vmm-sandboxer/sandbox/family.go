@@ -97,6 +97,7 @@ type Family struct {
 	dir    string // --dir
 	events vmtask.Publisher
 	proxy  TaskProxy
+	fds    vmtask.FDKeeper
 	log    *zap.Logger
 
 	accelOnce sync.Once
@@ -110,8 +111,10 @@ type Family struct {
 var _ controller.Sandboxer = (*Family)(nil)
 
 // New returns the family; dir is the daemon's state directory.
-func New(cfg *Config, dir string, events vmtask.Publisher, proxy TaskProxy, log *zap.Logger) *Family {
-	return &Family{cfg: cfg, dir: dir, events: events, proxy: proxy, log: log, pods: map[string]*pod{}}
+// proxy and fds are the keeper's: it serves the pods' task addresses and
+// holds their containers' output FIFOs open while the daemon restarts.
+func New(cfg *Config, dir string, events vmtask.Publisher, proxy TaskProxy, fds vmtask.FDKeeper, log *zap.Logger) *Family {
+	return &Family{cfg: cfg, dir: dir, events: events, proxy: proxy, fds: fds, log: log, pods: map[string]*pod{}}
 }
 
 func load(sb *store.Sandbox) (state, error) {
@@ -281,7 +284,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 	}
 
 	share := agentclient.Share{HostDir: st.shareDir(), GuestDir: guestShareDir}
-	p.tasks = vmtask.New(sb.ID, p.agent, share, st.recordDir(), f.events, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
+	p.tasks = vmtask.New(sb.ID, p.agent, share, st.recordDir(), f.events, f.fds, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
 	if err := f.serveTasks(ctx, p, st); err != nil {
 		return nil, err
 	}

@@ -65,7 +65,7 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (_ <-chan contr
 		return nil, fmt.Errorf("reconnect to the agent: %w", err)
 	}
 	share := agentclient.Share{HostDir: st.shareDir(), GuestDir: guestShareDir}
-	p.tasks = vmtask.New(sb.ID, p.agent, share, st.recordDir(), f.events, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
+	p.tasks = vmtask.New(sb.ID, p.agent, share, st.recordDir(), f.events, f.fds, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
 	if err := p.tasks.Restore(actx); err != nil {
 		f.log.Warn("some containers could not be restored", zap.String("sandbox", sb.ID), zap.Error(err))
 	}

@@ -32,7 +32,7 @@ func TestNewVMSelectsTheConfiguredHypervisor(t *testing.T) {
 			cfg := DefaultConfig()
 			cfg.Hypervisor = c.hypervisor
 			cfg.QEMU.Accel = string(hypervisor.AccelTCG) // no probe boot
-			f := New(cfg, t.TempDir(), nil, nil, zaptest.NewLogger(t))
+			f := New(cfg, t.TempDir(), nil, nil, nil, zaptest.NewLogger(t))
 			dir := t.TempDir()
 			vmCfg := hypervisor.Config{
 				ID: "pod", Dir: dir, Kernel: "/boot/vmlinuz", CPUs: 1, MemoryMiB: 256, SharedMemory: true,
@@ -85,7 +85,7 @@ func TestVMSize(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := DefaultConfig()
 			cfg.Hypervisor = c.hypervisor
-			f := New(cfg, t.TempDir(), nil, nil, zaptest.NewLogger(t))
+			f := New(cfg, t.TempDir(), nil, nil, nil, zaptest.NewLogger(t))
 			if cpus, mem := f.size(c.pod); cpus != c.cpus || mem != c.mem {
 				t.Errorf("size %d CPUs, %d MiB; want %d, %d", cpus, mem, c.cpus, c.mem)
 			}

@@ -64,9 +64,9 @@ func (s *Service) removeRecord(id string) {
 // Restore serves again the containers a previous instance of the daemon
 // created in this pod: their records on the host, their state from the
 // guest, which kept running. A container that ended meanwhile reports its
-// real exit status; one the guest no longer has is released. Output
-// written while the daemon was down, and after, is not captured: CRI's
-// readers saw the FIFOs close with the old daemon.
+// real exit status; one the guest no longer has is released. The output of
+// a running container goes on: the keeper held containerd's FIFOs open,
+// and the guest kept the container's output until the host attached again.
 func (s *Service) Restore(ctx context.Context) error {
 	ents, err := os.ReadDir(s.recordDir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -122,6 +122,20 @@ func (s *Service) restoreOne(ctx context.Context, id string) error {
 		close(p.exited)
 	default:
 		p.status = statusRunning
+	}
+	if p.status == statusRunning {
+		// The keeper kept containerd's readers of the output FIFOs open:
+		// the output goes on where it stopped.
+		hio, stdio, err := openIO(ctx, "", r.Stdout, r.Stderr)
+		if err != nil {
+			s.log.Warn("container output is not captured after the restart", zap.String("container", id), zap.Error(err))
+		} else if ap, err := s.agent.AttachIO(ctx, id, "", stdio); err != nil {
+			hio.Close()
+			s.log.Warn("container output is not captured after the restart", zap.String("container", id), zap.Error(err))
+		} else {
+			p.io, p.ap = hio, ap
+			s.holdIO(ctx, id, r.Stdout, r.Stderr)
+		}
 	}
 	s.mu.Lock()
 	s.containers[id] = c

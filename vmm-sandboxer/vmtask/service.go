@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	cgroupsv2stats "github.com/containerd/cgroups/v3/cgroup2/stats"
@@ -52,12 +53,21 @@ type Publisher interface {
 	PublishNamespace(ns, topic string, event cevents.Event) error
 }
 
+// FDKeeper keeps file descriptors open while the daemon restarts (package
+// keeper): the host ends of the containers' output FIFOs, so that
+// containerd's readers do not see EOF while the daemon is down.
+type FDKeeper interface {
+	Hold(ctx context.Context, key string, files ...*os.File) error
+	Release(ctx context.Context, key string) error
+}
+
 // Service is one pod's task service.
 type Service struct {
 	sandboxID string
 	agent     *agentclient.Client
 	share     agentclient.Share
 	pub       Publisher
+	fds       FDKeeper
 	log       *zap.Logger
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -102,11 +112,11 @@ type process struct {
 
 // New returns the task service of pod sandboxID, whose agent is reached
 // through agent and whose share is share; it keeps its containers' records
-// in recordDir (see Restore).
-func New(sandboxID string, agent *agentclient.Client, share agentclient.Share, recordDir string, pub Publisher, log *zap.Logger) *Service {
+// in recordDir (see Restore) and the ends of their output FIFOs in fds.
+func New(sandboxID string, agent *agentclient.Client, share agentclient.Share, recordDir string, pub Publisher, fds FDKeeper, log *zap.Logger) *Service {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{
-		sandboxID: sandboxID, agent: agent, share: share, pub: pub, log: log,
+		sandboxID: sandboxID, agent: agent, share: share, pub: pub, fds: fds, log: log,
 		ctx: ctx, cancel: cancel, containers: map[string]*container{}, recordDir: recordDir,
 	}
 	go s.forwardEvents()
@@ -139,6 +149,7 @@ func (s *Service) Close() {
 		}
 		s.releaseHost(c)
 	}
+	s.releaseIO(s.sandboxID)
 }
 
 func (s *Service) publish(ns, topic string, ev cevents.Event) {
@@ -341,6 +352,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, agentErr(err)
 	}
+	s.holdIO(ctx, r.ID, r.Stdout, r.Stderr)
 	p.ap, p.pid = ap, ap.Pid
 	c.init = p
 	if err := s.saveRecord(c); err != nil {
@@ -401,7 +413,7 @@ func (s *Service) waitExit(c *container, p *process) {
 	}
 	// The output has drained: containerd's readers see EOF once the
 	// writers close, and only then finish the process's IO.
-	p.io.Close()
+	s.closeIO(c, p)
 	if p == c.init {
 		s.mu.Lock()
 		execs := make([]*process, 0, len(c.execs))
@@ -493,7 +505,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	}
 	// A process deleted before it started never exits by itself.
 	s.markExited(c, p, p.exitStatus, p.exitedAt)
-	p.io.Close()
+	s.closeIO(c, p)
 	p.mu.Lock()
 	resp := &taskAPI.DeleteResponse{Pid: p.pid, ExitStatus: p.exitStatus, ExitedAt: protobuf.ToTimestamp(p.exitedAt)}
 	p.mu.Unlock()
@@ -723,4 +735,57 @@ func (s *Service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 // container's resources yet.
 func (s *Service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*emptypb.Empty, error) {
 	return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "updating the resources of a container in a VM pod is not supported")
+}
+
+// ioKey names what the keeper holds of a container's IO.
+func (s *Service) ioKey(id string) string { return s.sandboxID + "/" + id }
+
+// holdIO has the keeper hold a writer of each output FIFO of a container's
+// init, so that containerd's readers keep them open while the daemon
+// restarts; a restored daemon writes to them again. Without a keeper the
+// output ends with the daemon.
+func (s *Service) holdIO(ctx context.Context, id string, paths ...string) {
+	if s.fds == nil {
+		return
+	}
+	var files []*os.File
+	for _, path := range paths {
+		if path == "" {
+			continue
+		}
+		// Non-blocking: the reader openIO opened is there.
+		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			s.log.Warn("output FIFO for the keeper", zap.String("container", id), zap.Error(err))
+			continue
+		}
+		defer f.Close()
+		files = append(files, f)
+	}
+	if len(files) == 0 {
+		return
+	}
+	if err := s.fds.Hold(ctx, s.ioKey(id), files...); err != nil {
+		s.log.Warn("keeper does not hold the container's output", zap.String("container", id), zap.Error(err))
+	}
+}
+
+// closeIO closes a process's IO; for an init, the keeper's writers go too,
+// so that containerd's readers see EOF.
+func (s *Service) closeIO(c *container, p *process) {
+	p.io.Close()
+	if p == c.init {
+		s.releaseIO(s.ioKey(c.id))
+	}
+}
+
+func (s *Service) releaseIO(key string) {
+	if s.fds == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.fds.Release(ctx, key); err != nil {
+		s.log.Warn("keeper release", zap.String("key", key), zap.Error(err))
+	}
 }

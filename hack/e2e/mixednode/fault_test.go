@@ -131,6 +131,11 @@ func TestFaultKillSandboxer(t *testing.T) {
 			// down from about then for 4 s.
 			short := testenv.ContainerConfig("short-"+r.fam.name, "sh", "-c", "sleep 2; exit 42")
 			shortID := env.CreateStartContainer(t, r.podID, r.podCfg, short)
+			// The ticker writes twice a second, through the restart: its
+			// output must neither kill it (SIGPIPE) nor stop reaching its log.
+			ticker := testenv.ContainerConfig("ticker-"+r.fam.name, "sh", "-c", "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done")
+			tickerID := env.CreateStartContainer(t, r.podID, r.podCfg, ticker)
+			env.WaitLog(t, r.podCfg, ticker, "tick-1\n", 60*time.Second)
 			daemonPID := env.DaemonPID(r.fam.handler)
 			t0 := time.Now()
 			env.KillSandboxer(t, r.fam.handler, 4*time.Second)
@@ -142,6 +147,13 @@ func TestFaultKillSandboxer(t *testing.T) {
 			}
 			if out, _, code := env.ExecSync(t, r.ctrID, 60*time.Second, "sh", "-c", "echo alive; exit 5"); out != "alive\n" || code != 5 {
 				t.Errorf("ExecSync after the sandboxer's restart: %q, exit %d; want alive, 5", out, code)
+			}
+			// About 10 s after its start: after the restart.
+			if log := env.WaitLog(t, r.podCfg, ticker, "tick-20\n", 60*time.Second); !strings.Contains(log, "tick-20\n") {
+				t.Errorf("the ticker's output did not go on after the restart:\n%s", log)
+			}
+			if st := env.ContainerStatus(t, tickerID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
+				t.Errorf("ticker after the restart: %v (exit %d), want RUNNING", st.State, st.ExitCode)
 			}
 			if code := env.WaitContainerExited(t, shortID, 30*time.Second); code != 42 {
 				t.Errorf("the container that ended while the sandboxer was down reports exit %d, want 42", code)

@@ -182,7 +182,7 @@ func families(guestKernel string) []family {
 	return []family{
 		{
 			name: "runc", handler: runcHandler, container: busybox("runc", ""),
-			done: "done-runc\n", exitCode: -1, busybox: true,
+			done: "done-runc\n", exitCode: -1, busybox: true, survivesKill: true,
 			check: func(t testing.TB, log string) {
 				checkWork(t, log)
 			},

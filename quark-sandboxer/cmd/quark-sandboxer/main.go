@@ -62,6 +62,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	defer base.StopIdleKeeper(ctrl)
 	pods := sandbox.Tasks{Controller: ctrl, Family: family}
 	rt, err := gvisor.NewRuntime(gv, pods, log.Named("runsc"))
 	if err != nil {

@@ -1,6 +1,8 @@
 // Command runc-sandboxer serves containerd's sandbox controller and task
 // APIs for pods whose containers run under runc (or crun) on the host: one
-// daemon for every pod of the node, no shim and no pause container.
+// daemon for every pod of the node, no shim and no pause container. Its
+// keeper (package keeper) runs runc and holds containerd's connections, so
+// pods and containers outlive a restart of the daemon.
 package main
 
 import (
@@ -10,6 +12,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/hostpod"
 	"github.com/kuasar-go/kuasar-go/shared/task"
+	"github.com/kuasar-go/kuasar-go/shared/task/oci"
 )
 
 func main() {
@@ -19,7 +22,9 @@ func main() {
 		if root == "" {
 			root = filepath.Join(base.Flags.Dir, "runc")
 		}
-		return task.NewRuncRuntime(task.RuntimeConfig{
+		// Containers get containerd's FIFOs directly and are recorded, so
+		// that they outlive the daemon (package oci).
+		return oci.NewRuntime(oci.Config{
 			Binary:        cfg.Runtime.Binary,
 			Root:          root,
 			SystemdCgroup: cfg.Runtime.SystemdCgroup,

@@ -97,7 +97,7 @@ func (c *Container) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (pr
 	if err := checkStdio(sio); err != nil {
 		return nil, err
 	}
-	switch s := c.init.status(); s {
+	switch s := c.init.currentState(); s {
 	case stateCreated, stateRunning:
 	default:
 		return nil, fmt.Errorf("cannot exec in a %s container: %w", s, errdefs.ErrFailedPrecondition)

@@ -110,10 +110,10 @@ type Exec struct {
 	io        procIO
 }
 
-func (p *Init) ID() string          { return p.c.id }
-func (p *Init) Pid() int            { return p.pid }
-func (p *Init) StartTime() uint64   { return p.startTime }
-func (p *Init) Stdio() stdio.Stdio  { return p.stdio }
+func (p *Init) ID() string                     { return p.c.id }
+func (p *Init) Pid() int                       { return p.pid }
+func (p *Init) StartTime() uint64              { return p.startTime }
+func (p *Init) Stdio() stdio.Stdio             { return p.stdio }
 func (p *Init) Wait(ctx context.Context) error { return wait(ctx, p.waitBlock) }
 
 func (p *Init) ExitStatus() int {
@@ -150,7 +150,7 @@ func (p *Init) Status(ctx context.Context) (string, error) {
 	return p.state, nil
 }
 
-func (p *Init) status() string {
+func (p *Init) currentState() string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.state
@@ -280,10 +280,10 @@ func (p *Init) update(ctx context.Context, resources *specs.LinuxResources) erro
 	return nil
 }
 
-func (e *Exec) ID() string         { return e.id }
-func (e *Exec) Pid() int           { return int(e.pid.Load()) }
-func (e *Exec) StartTime() uint64  { return e.startTime.Load() }
-func (e *Exec) Stdio() stdio.Stdio { return e.stdio }
+func (e *Exec) ID() string                     { return e.id }
+func (e *Exec) Pid() int                       { return int(e.pid.Load()) }
+func (e *Exec) StartTime() uint64              { return e.startTime.Load() }
+func (e *Exec) Stdio() stdio.Stdio             { return e.stdio }
 func (e *Exec) Wait(ctx context.Context) error { return wait(ctx, e.waitBlock) }
 
 func (e *Exec) ExitStatus() int {
@@ -521,7 +521,7 @@ func waitTimeout(wg *sync.WaitGroup, timeout time.Duration) error {
 	case <-done:
 		return nil
 	case <-time.After(timeout):
-		return fmt.Errorf("timed out after %s: %w", timeout, errdefs.ErrDeadlineExceeded)
+		return fmt.Errorf("timed out after %s: %w", timeout, context.DeadlineExceeded)
 	}
 }
 

@@ -63,10 +63,10 @@ import (
 )
 
 var (
-	_ task.Runtime   = (*Runtime)(nil)
-	_ task.Restorer  = (*Runtime)(nil)
-	_ task.Container = (*Container)(nil)
-	_ task.Recorded  = (*Container)(nil)
+	_ task.Runtime    = (*Runtime)(nil)
+	_ task.Restorer   = (*Runtime)(nil)
+	_ task.Container  = (*Container)(nil)
+	_ task.Recorded   = (*Container)(nil)
 	_ task.StartTimer = (*Init)(nil)
 	_ task.StartTimer = (*Exec)(nil)
 )

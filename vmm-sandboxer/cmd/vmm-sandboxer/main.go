@@ -33,11 +33,12 @@ func run() error {
 			log.Warn("guest image missing: pods cannot start until it is installed (make guest; make install SANDBOXER=vmm)", zap.Error(err))
 		}
 	}
-	family := sandbox.New(cfg, base.Flags.Dir, base.Events, base.Keeper, log.Named("pods"))
+	family := sandbox.New(cfg, base.Flags.Dir, base.Events, base.Keeper, base.Keeper.Spawner(), log.Named("pods"))
 	ctrl, err := controller.New(context.Background(), family, base.Store, log.Named("controller"))
 	if err != nil {
 		return err
 	}
+	defer base.StopIdleKeeper(ctrl)
 	// Each pod has its own task socket (see package sandbox).
 	if err := base.Serve(ctrl, nil); err != nil {
 		log.Error("exiting", zap.Error(err))
