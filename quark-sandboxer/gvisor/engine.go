@@ -9,6 +9,7 @@ package gvisor
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
 // CRI's annotations, which runsc reads to group containers into a sandbox.
@@ -52,6 +54,9 @@ type Options struct {
 	Pause string
 	// PauseEnv is the pause's environment; default the holder marker.
 	PauseEnv []string
+	// Exits reports the exits of the processes the daemon has started
+	// (the sandbox processes are their orphans); nil: the daemon's reaper.
+	Exits task.ExitSource
 }
 
 // Engine runs pods as runsc sandboxes.
@@ -236,7 +241,10 @@ func (e *Engine) Start(ctx context.Context, pod *sandbox.Pod) (_ *sandbox.Starte
 		return nil, err
 	}
 	defer nullIO.Close()
-	w := sandbox.WatchExit()
+	w, err := sandbox.WatchExit(e.opts.Exits)
+	if err != nil {
+		return nil, err
+	}
 	t0 := time.Now()
 	if err := r.Create(ctx, pod.ID, pod.Dir, &runc.CreateOpts{PidFile: pidFile, IO: nullIO}); err != nil {
 		w.Cancel()
@@ -293,12 +301,15 @@ func (e *Engine) Stop(ctx context.Context, pod *sandbox.Pod, proc holder.Holder,
 }
 
 // Shutdown deletes runsc's state of the pod: containers whose task was
-// never deleted, then the sandbox (which removes its cgroup).
+// never deleted, then the sandbox (which removes its cgroup), then the lock
+// files a `runsc wait` racing a delete may leave.
 func (e *Engine) Shutdown(ctx context.Context, pod *sandbox.Pod) error {
 	r := e.runsc(pod, logPath(pod))
-	states, _ := filepath.Glob(filepath.Join(e.root, pod.ID+"_sandbox:*.state"))
+	// runsc names a container's files <container>_sandbox:<sandbox>.*
+	suffix := "_sandbox:" + pod.ID
+	states, _ := filepath.Glob(filepath.Join(e.root, "*"+suffix+".state"))
 	for _, s := range states {
-		id := strings.TrimSuffix(strings.TrimPrefix(filepath.Base(s), pod.ID+"_sandbox:"), ".state")
+		id := strings.TrimSuffix(filepath.Base(s), suffix+".state")
 		if id == pod.ID {
 			continue
 		}
@@ -309,6 +320,12 @@ func (e *Engine) Shutdown(ctx context.Context, pod *sandbox.Pod) error {
 	}
 	if err := r.Delete(ctx, pod.ID, &runc.DeleteOpts{Force: true}); err != nil && !notExist(err) {
 		return runtimeError(logPath(pod), err, "delete the gVisor sandbox")
+	}
+	locks, _ := filepath.Glob(filepath.Join(e.root, "*"+suffix+".lock"))
+	for _, l := range locks {
+		if err := os.Remove(l); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
 	}
 	return nil
 }

@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
+	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 )
@@ -154,11 +155,7 @@ func (rt *Runtime) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ 
 	if r.Terminal {
 		libIO = io
 	}
-	p := process.New(r.ID, rc, libIO)
-	p.Bundle = r.Bundle
-	p.Platform = rt.platform
-	p.Rootfs = rootfs
-	p.WorkDir = filepath.Join(r.Bundle, "work")
+	p := rt.newInit(r.ID, r.Bundle, rootfs, rc, libIO)
 	if err := p.Create(ctx, &process.CreateConfig{
 		ID: r.ID, Bundle: r.Bundle, Runtime: rc.Command, Rootfs: pmounts, Terminal: r.Terminal,
 		Stdin: libIO.Stdin, Stdout: libIO.Stdout, Stderr: libIO.Stderr,
@@ -170,8 +167,19 @@ func (rt *Runtime) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ 
 	}
 	init := &initProcess{Init: p, rt: rt, runc: rc, id: r.ID, stdio: io}
 	return &container{
-		id: r.ID, bundle: r.Bundle, init: init, log: rt.log,
+		id: r.ID, bundle: r.Bundle, sandboxID: sandboxID, init: init, log: rt.log,
 	}, nil
+}
+
+// newInit is containerd's process.Init of a runsc container: made by
+// Create, or made again by Restore for a container that runs.
+func (rt *Runtime) newInit(id, bundle, rootfs string, rc *runc.Runc, libIO stdio.Stdio) *process.Init {
+	p := process.New(id, rc, libIO)
+	p.Bundle = bundle
+	p.Platform = rt.platform
+	p.Rootfs = rootfs
+	p.WorkDir = filepath.Join(bundle, "work")
+	return p
 }
 
 // initProcess is a container's init: containerd's process.Init for
@@ -183,10 +191,18 @@ type initProcess struct {
 	id    string
 	stdio stdio.Stdio
 
-	mu      sync.Mutex
-	pid     int
-	started bool
-	paused  bool
+	mu        sync.Mutex
+	pid       int
+	startTime uint64 // the waiter's (task.StartTimer)
+	started   bool
+	paused    bool
+}
+
+// StartTime implements task.StartTimer: the waiter's start time.
+func (p *initProcess) StartTime() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.startTime
 }
 
 // Pid is the waiter's PID once started: the process whose exit is the
@@ -317,6 +333,8 @@ func (p *initProcess) Start(ctx context.Context) error {
 	}
 	go reap.Monitor.Wait(waiter, wc)
 	p.pid = waiter.Process.Pid
+	// Zero if it has already ended: its exit then matches on the PID.
+	p.startTime, _ = proc.StartTime(p.pid)
 	p.started = true
 	return nil
 }
@@ -342,9 +360,9 @@ func (p *initProcess) pause(ctx context.Context, pause bool) error {
 
 // container implements task.Container for a runsc container.
 type container struct {
-	id, bundle string
-	init       *initProcess
-	log        *zap.Logger
+	id, bundle, sandboxID string
+	init                  *initProcess
+	log                   *zap.Logger
 
 	task.Execs[process.Process]
 }

@@ -32,6 +32,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/holder"
 	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/reap"
+	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
 // taskAPIVersion 3 makes containerd 2.x connect to Quark's task socket
@@ -43,15 +44,18 @@ const startTimeout = 30 * time.Second
 
 // Engine runs pods under Quark.
 type Engine struct {
-	cfg sandbox.QuarkConfig
-	log *zap.Logger
+	cfg   sandbox.QuarkConfig
+	exits task.ExitSource
+	log   *zap.Logger
 }
 
 var _ sandbox.Engine = (*Engine)(nil)
 
-// New returns the engine.
-func New(cfg sandbox.QuarkConfig, log *zap.Logger) *Engine {
-	return &Engine{cfg: cfg, log: log}
+// New returns the engine; exits reports the exits of the processes the
+// daemon has started, whose orphans the Quark sandboxes are (nil: the
+// daemon's reaper).
+func New(cfg sandbox.QuarkConfig, exits task.ExitSource, log *zap.Logger) *Engine {
+	return &Engine{cfg: cfg, exits: exits, log: log}
 }
 
 // Name implements sandbox.Engine.
@@ -161,7 +165,10 @@ func (e *Engine) Start(ctx context.Context, pod *sandbox.Pod) (*sandbox.Started,
 	cmd.Dir = bundleDir(pod)
 	// A file, not a pipe: the daemonized sandbox may keep it open.
 	cmd.Stdout, cmd.Stderr = out, out
-	w := sandbox.WatchExit()
+	w, err := sandbox.WatchExit(e.exits)
+	if err != nil {
+		return nil, err
+	}
 	ec, err := reap.Monitor.Start(cmd)
 	if err != nil {
 		w.Cancel()

@@ -66,7 +66,7 @@ func newRig(t *testing.T, binary string) *rig {
 	r := testrig.New(t, testrig.Setup{
 		Config: cfg,
 		Engines: func(dir, taskAddress string, log *zap.Logger) []sandbox.Engine {
-			return []sandbox.Engine{quark.New(cfg.Quark, log)}
+			return []sandbox.Engine{quark.New(cfg.Quark, nil, log)}
 		},
 	})
 	return &rig{Rig: r, quark: binary}

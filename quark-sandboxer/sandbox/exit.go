@@ -1,37 +1,50 @@
 package sandbox
 
 import (
-	"github.com/containerd/containerd/v2/pkg/sys/reaper"
-	runc "github.com/containerd/go-runc"
+	"context"
+	"fmt"
 
 	"github.com/kuasar-go/kuasar-go/shared/controller"
+	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
-// ExitWatch reports the exit of a sandbox process that this daemon reaps:
-// an orphan of the command that launched it (`runsc create`, `quark
-// sandbox`), re-parented to the daemon, a child subreaper. It subscribes
-// before the launch so that no exit is missed while the PID is unknown.
+// ExitWatch reports the exit of a sandbox process: an orphan of the
+// command that launched it (`runsc create`, `quark sandbox`), re-parented
+// to whoever reaps the daemon's processes (the keeper, or the daemon
+// itself), which src reports. It subscribes before the launch so that no
+// exit is missed while the PID is unknown.
 type ExitWatch struct {
-	exits chan runc.Exit
-	pid   chan int
-	out   chan controller.Exit
+	exits  <-chan task.Exit
+	cancel context.CancelFunc
+	pid    chan int
+	out    chan controller.Exit
 }
 
-// WatchExit subscribes to the daemon's reaper. Call Pid once the PID is
-// known, or Cancel.
-func WatchExit() *ExitWatch {
+// WatchExit subscribes to src (nil: the daemon's own reaper). Call Pid once
+// the PID is known, or Cancel.
+func WatchExit(src task.ExitSource) (*ExitWatch, error) {
+	if src == nil {
+		src = task.ReaperExits{}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	_, exits, err := src.Subscribe(ctx)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("watch the sandbox process: %w", err)
+	}
 	w := &ExitWatch{
-		exits: reaper.Default.Subscribe(),
-		pid:   make(chan int, 1),
-		out:   make(chan controller.Exit, 1),
+		exits:  exits,
+		cancel: cancel,
+		pid:    make(chan int, 1),
+		out:    make(chan controller.Exit, 1),
 	}
 	go w.run()
-	return w
+	return w, nil
 }
 
 func (w *ExitWatch) run() {
-	defer reaper.Default.Unsubscribe(w.exits)
-	var early []runc.Exit
+	defer w.cancel()
+	var early []task.Exit
 	pid := 0
 	for {
 		select {
@@ -47,7 +60,10 @@ func (w *ExitWatch) run() {
 				}
 			}
 			early = nil
-		case e := <-w.exits:
+		case e, ok := <-w.exits:
+			if !ok {
+				return
+			}
 			if pid == 0 {
 				early = append(early, e)
 				continue
@@ -60,8 +76,8 @@ func (w *ExitWatch) run() {
 	}
 }
 
-func (w *ExitWatch) deliver(e runc.Exit) {
-	w.out <- controller.Exit{Status: uint32(e.Status), ExitedAt: e.Timestamp}
+func (w *ExitWatch) deliver(e task.Exit) {
+	w.out <- controller.Exit{Status: uint32(e.Status), ExitedAt: e.At}
 }
 
 // Pid names the process to watch and returns the channel of its exit.

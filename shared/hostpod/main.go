@@ -56,7 +56,7 @@ func run(name string, cfg daemon.Config, newRuntime NewRuntime) error {
 		// next instance, which restores them.
 		spawner := base.Keeper.Spawner()
 		runc.Monitor = spawner
-		opts = append(opts, task.WithExits(keeperExits{spawner: spawner, log: base.Log.Named("exits")}),
+		opts = append(opts, task.WithExits(task.KeeperExits{Spawner: spawner, Log: base.Log.Named("exits")}),
 			task.WithRecords(filepath.Join(base.Flags.Dir, "tasks")))
 	}
 	tasks, err := task.New(TaskSandboxes{Controller: ctrl}, base.Events, rt, base.Log.Named("task"), opts...)

@@ -23,13 +23,15 @@ import (
 // Client talks to a Server at Socket.
 type Client struct{ Socket string }
 
-// Exit is an orphan's exit as the server recorded it.
+// Exit is a process's exit as the server recorded it.
 type Exit struct {
 	Seq       uint64
 	Pid       int
 	StartTime uint64 // clock ticks since boot, /proc/<pid>/stat field 22
 	Status    int    // exit code, or 128+signal
 	ExitedAt  time.Time
+	// Spawned: a process a client started (Start), not an orphan.
+	Spawned bool
 }
 
 var _ runc.ProcessMonitor = (*Client)(nil)
@@ -384,7 +386,7 @@ func (c *Client) holdCall(ctx context.Context, req request, fds []int) error {
 	return nil
 }
 
-// Recorded returns every orphan exit the server still records, oldest
+// Recorded returns every exit the server still records, oldest
 // first, and the sequence number to Subscribe after so that no exit is
 // missed nor seen twice: a restarted daemon reads what ended while it was
 // down, then follows.
@@ -406,12 +408,12 @@ func (c *Client) Recorded(ctx context.Context) ([]Exit, uint64, error) {
 	}
 	out := make([]Exit, len(reply.Exits))
 	for i, e := range reply.Exits {
-		out[i] = Exit{Seq: e.Seq, Pid: e.Pid, StartTime: e.StartTime, Status: e.Status, ExitedAt: e.ExitedAt}
+		out[i] = exitOf(e)
 	}
 	return out, reply.LastSeq, nil
 }
 
-// Subscribe streams recorded orphan exits after since until ctx ends or the
+// Subscribe streams recorded exits after since until ctx ends or the
 // connection breaks (channel closed).
 func (c *Client) Subscribe(ctx context.Context, since uint64) (<-chan Exit, error) {
 	conn, err := c.dial(ctx)
@@ -449,7 +451,7 @@ func (c *Client) Subscribe(ctx context.Context, since uint64) (<-chan Exit, erro
 				return
 			}
 			select {
-			case out <- Exit{Seq: e.Seq, Pid: e.Pid, StartTime: e.StartTime, Status: e.Status, ExitedAt: e.ExitedAt}:
+			case out <- exitOf(e):
 			case <-ctx.Done():
 				return
 			}
@@ -506,4 +508,8 @@ func interfaceEqual(a, b any) (eq bool) {
 		}
 	}()
 	return a == b
+}
+
+func exitOf(e exitRecord) Exit {
+	return Exit{Seq: e.Seq, Pid: e.Pid, StartTime: e.StartTime, Status: e.Status, ExitedAt: e.ExitedAt, Spawned: e.Spawned}
 }

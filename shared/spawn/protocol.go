@@ -7,8 +7,10 @@
 // restarting) are lost. The keeper (Server) is the subreaper instead: the
 // daemon asks it to spawn runtime commands (Client implements go-runc's
 // ProcessMonitor, so `runc.Monitor = client` is enough), it reaps every
-// child and orphan, and it keeps a ring of recent orphan exits that a
-// restarted daemon reads back with Client.Subscribe.
+// child and orphan, and it keeps a ring of recent exits (orphans', and its
+// spawned children's, marked so) that a restarted daemon reads back with
+// Client.Recorded and follows with Client.Subscribe. It also holds file
+// descriptors for the daemon ("hold", "release").
 //
 // Protocol, over a unix stream socket: every message is a 4-byte big-endian
 // length followed by that many bytes of JSON. The first message of a
@@ -18,8 +20,12 @@
 //     message as SCM_RIGHTS. The server answers {pid} or {error}, then
 //     {status, exited_at} once that child has exited, and closes.
 //   - "subscribe": {since}. The server answers {last_seq}, then streams
-//     every recorded orphan exit with seq > since: first those still in its
-//     ring, then new ones as they happen, until either side closes.
+//     every recorded exit with seq > since: first those still in its ring,
+//     then new ones as they happen, until either side closes.
+//   - "recorded": the server answers {last_seq, exits} with its ring.
+//   - "hold": {key} with descriptors attached: the server keeps them under
+//     key (replacing what it held there) and answers {}; "release": {key}
+//     closes what key and the keys below it ("key/...") hold.
 package spawn
 
 import (
@@ -109,13 +115,16 @@ type recordedReply struct {
 	Exits   []exitRecord `json:"exits"`
 }
 
-// exitRecord is an orphan exit on a subscription.
+// exitRecord is an exit on a subscription.
 type exitRecord struct {
 	Seq       uint64    `json:"seq"`
 	Pid       int       `json:"pid"`
 	StartTime uint64    `json:"start_time"`
 	Status    int       `json:"status"`
 	ExitedAt  time.Time `json:"exited_at"`
+	// Spawned: a process a client had the server start, whose exit also
+	// went to that client if it was still there.
+	Spawned bool `json:"spawned,omitempty"`
 }
 
 // encode frames v as length + JSON.

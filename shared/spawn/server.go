@@ -32,7 +32,7 @@ type Server struct {
 
 	mu        sync.Mutex
 	children  map[int]chan exitRecord // direct children still running
-	ring      []exitRecord            // circular, the last cap(ring) orphan exits
+	ring      []exitRecord            // circular, the last cap(ring) exits
 	ringNext  int                     // where the next exit goes once ring is full
 	seq       uint64                  // seq of the last recorded exit
 	changed   chan struct{}           // closed and replaced at each recorded exit
@@ -50,7 +50,7 @@ type Server struct {
 }
 
 // NewServer makes the calling process a child subreaper and starts reaping
-// its children on SIGCHLD. It keeps the last ringSize orphan exits for
+// its children on SIGCHLD. It keeps the last ringSize exits for
 // subscribers (0: 4096). Every child of the process is reaped here, so
 // nothing else in it may wait for children (exec.Cmd.Wait would fail).
 //
@@ -224,7 +224,7 @@ func (s *Server) spawn(c *net.UnixConn, req *request, fds []int) {
 		return
 	}
 	// If the client is gone, the exit still has to reach someone: it then
-	// goes to the ring for subscribers like an orphan's.
+	// is in the ring for subscribers, as every exit.
 	delivered := writeMsg(c, spawnReply{Pid: pid}, nil) == nil
 	var e exitRecord
 	select {
@@ -236,9 +236,9 @@ func (s *Server) spawn(c *net.UnixConn, req *request, fds []int) {
 		delivered = writeMsg(c, exitReply{Status: e.Status, ExitedAt: e.ExitedAt}, nil) == nil
 	}
 	if !delivered {
-		s.log.Info("spawn: client gone, recording exit of direct child",
+		// The exit is in the ring for subscribers, as every exit.
+		s.log.Info("spawn: client gone before the exit of its process",
 			zap.Int("pid", e.Pid), zap.Int("status", e.Status))
-		s.record(e)
 	}
 }
 
@@ -449,11 +449,15 @@ func (s *Server) reapAll() {
 		ch, direct := s.children[pid]
 		delete(s.children, pid)
 		s.mu.Unlock()
+		// Every exit goes to subscribers: a process a client started may
+		// stand for a container (gVisor's waiter) and end while its client
+		// (the daemon) is away.
 		if direct {
+			e.Spawned = true
 			ch <- e // buffered, one exit per child
-			continue
+		} else {
+			s.log.Debug("spawn: orphan exited", zap.Int("pid", pid), zap.Int("status", e.Status))
 		}
-		s.log.Debug("spawn: orphan exited", zap.Int("pid", pid), zap.Int("status", e.Status))
 		s.record(e)
 	}
 }

@@ -421,7 +421,17 @@ func spawnOrphan(t *testing.T, c *Client, status int) (pid int, startTime uint64
 }
 
 // next returns the next exit, failing after a timeout.
+// next returns the next orphan exit, skipping those of spawned processes.
 func next(t *testing.T, ch <-chan Exit) Exit {
+	t.Helper()
+	for {
+		if e := nextAny(t, ch); !e.Spawned {
+			return e
+		}
+	}
+}
+
+func nextAny(t *testing.T, ch <-chan Exit) Exit {
 	t.Helper()
 	select {
 	case e, ok := <-ch:
@@ -518,21 +528,32 @@ func TestRingKeepsLastExits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var pids []int
+	orphans := map[int]bool{}
 	for i := range 3 {
 		pid, _, _ := spawnOrphan(t, srv.Client, i)
-		pids = append(pids, pid)
+		orphans[pid] = true
 	}
-	for range 3 {
-		next(t, live)
+	// Three orphans and their three parents, in the order they ended.
+	var seen []Exit
+	for n := 0; n < 3; {
+		e := nextAny(t, live)
+		seen = append(seen, e)
+		if orphans[e.Pid] {
+			n++
+		}
 	}
+	for len(seen) < 6 {
+		seen = append(seen, nextAny(t, live))
+	}
+	want := seen[len(seen)-2:]
 	replay, err := srv.Subscribe(ctx, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := []int{next(t, replay).Pid, next(t, replay).Pid}
-	if got[0] != pids[1] || got[1] != pids[2] {
-		t.Fatalf("ring of 2 replayed %v, want %v", got, pids[1:])
+	for _, w := range want {
+		if e := nextAny(t, replay); e.Seq != w.Seq || e.Pid != w.Pid || e.Spawned != w.Spawned {
+			t.Fatalf("ring of 2 replayed %+v, want %+v", e, w)
+		}
 	}
 	select {
 	case e := <-replay:
@@ -546,8 +567,8 @@ func TestRingKeepsLastExits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(recorded) != 2 || recorded[0].Pid != pids[1] || recorded[1].Pid != pids[2] || last != recorded[1].Seq {
-		t.Fatalf("Recorded = %+v, last %d; want pids %v, last the second's seq", recorded, last, pids[1:])
+	if len(recorded) != 2 || recorded[0].Seq != want[0].Seq || recorded[1].Seq != want[1].Seq || last != want[1].Seq {
+		t.Fatalf("Recorded = %+v, last %d; want %+v", recorded, last, want)
 	}
 	after, err := srv.Subscribe(ctx, last)
 	if err != nil {
@@ -582,8 +603,8 @@ func TestClientGoneRecordsExit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e := next(t, live); e.Pid != reply.Pid || e.Status != 5 {
-		t.Fatalf("got %+v, want pid %d status 5", e, reply.Pid)
+	if e := nextAny(t, live); e.Pid != reply.Pid || e.Status != 5 || !e.Spawned {
+		t.Fatalf("got %+v, want pid %d status 5, spawned", e, reply.Pid)
 	}
 }
 

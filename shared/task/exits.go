@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/pkg/sys/reaper"
+	"github.com/kuasar-go/kuasar-go/shared/spawn"
+	"go.uber.org/zap"
 )
 
 // Exit is the end of a container process.
@@ -64,4 +66,49 @@ func startTimeOf(p any) uint64 {
 		return st.StartTime()
 	}
 	return 0
+}
+
+// KeeperExits is the exit source of a daemon whose processes the keeper
+// starts and reaps (package keeper): it keeps their exits while the daemon
+// is down.
+type KeeperExits struct {
+	Spawner *spawn.Client
+	Log     *zap.Logger
+}
+
+// Subscribe implements ExitSource.
+func (k KeeperExits) Subscribe(ctx context.Context) ([]Exit, <-chan Exit, error) {
+	recorded, last, err := k.Spawner.Recorded(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	in, err := k.Spawner.Subscribe(ctx, last)
+	if err != nil {
+		return nil, nil, err
+	}
+	out := make(chan Exit)
+	go func() {
+		defer close(out)
+		for e := range in {
+			select {
+			case out <- keeperExit(e):
+			case <-ctx.Done():
+				return
+			}
+		}
+		if ctx.Err() == nil {
+			// The keeper is gone, and with it the parent of every
+			// container: nothing will report their exits any more.
+			k.Log.Error("lost the keeper's exits of container processes")
+		}
+	}()
+	exits := make([]Exit, len(recorded))
+	for i, e := range recorded {
+		exits[i] = keeperExit(e)
+	}
+	return exits, out, nil
+}
+
+func keeperExit(e spawn.Exit) Exit {
+	return Exit{Pid: e.Pid, StartTime: e.StartTime, Status: e.Status, At: e.ExitedAt}
 }

@@ -211,7 +211,7 @@ func families(guestKernel string) []family {
 			name: "gvisor", handler: quarkHandler,
 			annotations: map[string]string{gvisorPlatformAnnotation: "systrap"},
 			container:   busybox("gvisor", "dmesg; cat /proc/version; "),
-			done:        "done-gvisor\n", exitCode: -1, busybox: true,
+			done:        "done-gvisor\n", exitCode: -1, busybox: true, survivesKill: true,
 			check: func(t testing.TB, log string) {
 				t.Helper()
 				checkWork(t, log)

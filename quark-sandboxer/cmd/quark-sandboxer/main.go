@@ -12,6 +12,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/containerd/go-runc"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/gvisor"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/quark"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
@@ -46,12 +47,17 @@ func run() error {
 	}
 	log := base.Log
 	defer log.Sync()
-	// runsc's processes are reaped here (see package reap).
 	if err := reap.Start(log); err != nil {
 		return err
 	}
-	gv := gvisor.New(gvisor.Options{Config: cfg.GVisor, StateDir: base.Flags.Dir, TaskAddress: base.TaskAddress()}, log.Named("gvisor"))
-	engines := []sandbox.Engine{gv, quark.New(cfg.Quark, log.Named("quark"))}
+	// Pods and containers outlive the daemon: the keeper runs runsc, Quark
+	// and the containers' waiters, so it is the parent of what they leave
+	// running and records their exits for the next instance.
+	spawner := base.Keeper.Spawner()
+	runc.Monitor, reap.Monitor = spawner, spawner
+	exits := task.KeeperExits{Spawner: spawner, Log: log.Named("exits")}
+	gv := gvisor.New(gvisor.Options{Config: cfg.GVisor, StateDir: base.Flags.Dir, TaskAddress: base.TaskAddress(), Exits: exits}, log.Named("gvisor"))
+	engines := []sandbox.Engine{gv, quark.New(cfg.Quark, exits, log.Named("quark"))}
 	for _, e := range engines {
 		if err := e.Check(); err != nil {
 			log.Warn("engine cannot run pods until this is fixed", zap.String("engine", e.Name()), zap.Error(err))
@@ -68,7 +74,8 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	tasks, err := task.New(pods, base.Events, rt, log.Named("task"))
+	tasks, err := task.New(pods, base.Events, rt, log.Named("task"), task.WithExits(exits),
+		task.WithRecords(filepath.Join(base.Flags.Dir, "tasks")))
 	if err != nil {
 		rt.Close()
 		return err
