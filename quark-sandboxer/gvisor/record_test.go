@@ -48,15 +48,15 @@ func TestRecordRestore(t *testing.T) {
 	}
 
 	for name, rec := range map[string]string{
-		"not json":         `{`,
-		"other version":    strings.Replace(valid, `"version":1`, `"version":2`, 1),
-		"bad id":           strings.Replace(valid, `"id":"c1"`, `"id":"../c1"`, 1),
-		"no sandbox":       strings.Replace(valid, `"sandbox_id":"pod1",`, ``, 1),
-		"relative bundle":  strings.Replace(valid, `"bundle":"/run/b/c1"`, `"bundle":"b/c1"`, 1),
-		"relative runsc":   strings.Replace(valid, `"binary":"/usr/bin/runsc"`, `"binary":"runsc"`, 1),
-		"foreign rootfs":   strings.Replace(valid, `"rootfs":"/run/b/c1/rootfs"`, `"rootfs":"/etc"`, 1),
-		"started, no pid":  strings.Replace(valid, `"pid":42,`, ``, 1),
-		"exit status 256":  strings.Replace(valid, `"started":true`, `"started":true,"exited":true,"exit_status":256`, 1),
+		"not json":        `{`,
+		"other version":   strings.Replace(valid, `"version":1`, `"version":2`, 1),
+		"bad id":          strings.Replace(valid, `"id":"c1"`, `"id":"../c1"`, 1),
+		"no sandbox":      strings.Replace(valid, `"sandbox_id":"pod1",`, ``, 1),
+		"relative bundle": strings.Replace(valid, `"bundle":"/run/b/c1"`, `"bundle":"b/c1"`, 1),
+		"relative runsc":  strings.Replace(valid, `"binary":"/usr/bin/runsc"`, `"binary":"runsc"`, 1),
+		"foreign rootfs":  strings.Replace(valid, `"rootfs":"/run/b/c1/rootfs"`, `"rootfs":"/etc"`, 1),
+		"started, no pid": strings.Replace(valid, `"pid":42,`, ``, 1),
+		"exit status 256": strings.Replace(valid, `"started":true`, `"started":true,"exited":true,"exit_status":256`, 1),
 	} {
 		if _, err := rt.Restore(ctx, []byte(rec)); !errdefs.IsInvalidArgument(err) {
 			t.Errorf("%s: Restore = %v, want InvalidArgument", name, err)
