@@ -39,6 +39,7 @@ type Forwarder struct {
 	log     *zap.Logger
 	queue   chan *item
 	done    chan struct{}
+	stopped chan struct{} // closed when the sender has returned
 	once    sync.Once
 
 	mu     sync.Mutex
@@ -48,7 +49,7 @@ type Forwarder struct {
 // NewForwarder returns a forwarder to the ttrpc socket at address and starts
 // its sender. Close stops it.
 func NewForwarder(address string, log *zap.Logger) *Forwarder {
-	f := &Forwarder{address: address, log: log, queue: make(chan *item, queueSize), done: make(chan struct{})}
+	f := &Forwarder{address: address, log: log, queue: make(chan *item, queueSize), done: make(chan struct{}), stopped: make(chan struct{})}
 	go f.run()
 	return f
 }
@@ -80,18 +81,23 @@ func (f *Forwarder) PublishNamespace(ns, topic string, event cevents.Event) erro
 	}
 }
 
-// Close stops sending; queued events that were not sent are dropped.
+// Close stops sending and returns once the sender has; queued events
+// that were not sent are dropped.
 func (f *Forwarder) Close() error {
 	f.once.Do(func() { close(f.done) })
 	f.mu.Lock()
-	defer f.mu.Unlock()
+	var err error
 	if f.client != nil {
-		return f.client.Close()
+		// Ends a send in flight.
+		err = f.client.Close()
 	}
-	return nil
+	f.mu.Unlock()
+	<-f.stopped
+	return err
 }
 
 func (f *Forwarder) run() {
+	defer close(f.stopped)
 	for {
 		select {
 		case <-f.done:
@@ -110,6 +116,11 @@ func (f *Forwarder) send(it *item) {
 		err := f.forward(it.env)
 		if err == nil {
 			return
+		}
+		select {
+		case <-f.done:
+			return // closed while sending: not a failure to report
+		default:
 		}
 		it.attempts++
 		if it.attempts >= maxAttempts {
@@ -150,6 +161,11 @@ func (f *Forwarder) conn() (*ttrpc.Client, error) {
 	defer f.mu.Unlock()
 	if f.client != nil {
 		return f.client, nil
+	}
+	select {
+	case <-f.done:
+		return nil, errors.New("event forwarder closed")
+	default:
 	}
 	conn, err := net.DialTimeout("unix", f.address, dialTimeout)
 	if err != nil {
