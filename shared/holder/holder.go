@@ -12,11 +12,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"syscall"
 	"time"
 
-	runc "github.com/containerd/go-runc"
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/shared/holder/pid1"
@@ -113,7 +111,12 @@ func Start(ctx context.Context, spec Spec) (*Holder, <-chan Exit, error) {
 	if spec.NewUTS {
 		cmd.SysProcAttr.Cloneflags |= unix.CLONE_NEWUTS
 	}
-	ec, err := startInNetns(cmd, spec.NetnsPath)
+	// Born in the pod's network namespace (package nsenter).
+	join := map[int]string{}
+	if spec.NetnsPath != "" {
+		join[unix.CLONE_NEWNET] = spec.NetnsPath
+	}
+	ec, err := reap.Monitor.StartIn(cmd, join)
 	w.Close()
 	if err != nil {
 		return nil, nil, err
@@ -152,38 +155,6 @@ func waitReady(ctx context.Context, r *os.File) error {
 		return err
 	}
 	return nil
-}
-
-// startInNetns starts cmd from a thread switched into the network namespace
-// at path: a forked child inherits its parent thread's namespaces.
-func startInNetns(cmd *exec.Cmd, path string) (chan runc.Exit, error) {
-	if path == "" {
-		return reap.Monitor.Start(cmd)
-	}
-	target, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("open netns %s: %w", path, err)
-	}
-	defer target.Close()
-	runtime.LockOSThread()
-	orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-	if err != nil {
-		runtime.UnlockOSThread()
-		return nil, fmt.Errorf("open own netns: %w", err)
-	}
-	defer orig.Close()
-	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return nil, fmt.Errorf("enter netns %s: %w", path, err)
-	}
-	ec, startErr := reap.Monitor.Start(cmd)
-	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-		// Leave the thread locked: Go discards it when this goroutine
-		// ends, so no other goroutine runs in the pod's network.
-		return ec, startErr
-	}
-	runtime.UnlockOSThread()
-	return ec, startErr
 }
 
 // Stop ends the holder. With its own PID namespace, killing it kills every

@@ -12,6 +12,7 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	runc "github.com/containerd/go-runc"
+	"github.com/kuasar-go/kuasar-go/shared/nsenter"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
@@ -36,13 +37,31 @@ func Start(log *zap.Logger) error {
 	return nil
 }
 
+// ProcessMonitor starts processes, also born in namespaces of another
+// process (StartIn, flag -> namespace file; see package nsenter), and
+// waits for them. The daemon's reaper and the keeper (package spawn) are
+// both one.
+type ProcessMonitor interface {
+	runc.ProcessMonitor
+	StartIn(cmd *exec.Cmd, join map[int]string) (chan runc.Exit, error)
+}
+
 // Monitor starts and waits for the daemon's children through containerd's
 // reaper, and releases each process handle once its exit is collected: Go
 // keeps a pidfd per started process until Wait, Release or the garbage
-// collector, and the reaper never calls Wait.
-var Monitor runc.ProcessMonitor = releasing{reaper.Default}
+// collector, and the reaper never calls Wait. A daemon whose keeper starts
+// its processes replaces it.
+var Monitor ProcessMonitor = releasing{reaper.Default}
 
 type releasing struct{ runc.ProcessMonitor }
+
+func (r releasing) StartIn(cmd *exec.Cmd, join map[int]string) (ec chan runc.Exit, err error) {
+	err = nsenter.Do(join, func() error {
+		ec, err = r.Start(cmd)
+		return err
+	})
+	return ec, err
+}
 
 func (r releasing) Wait(cmd *exec.Cmd, ec chan runc.Exit) (int, error) {
 	status, err := r.ProcessMonitor.Wait(cmd, ec)

@@ -18,6 +18,7 @@ import (
 	"unsafe"
 
 	runc "github.com/containerd/go-runc"
+	"github.com/kuasar-go/kuasar-go/shared/nsenter"
 )
 
 // Client talks to a Server at Socket.
@@ -52,13 +53,24 @@ type spawned struct {
 
 // Start starts cmd through the server, as exec.Cmd.Start would locally.
 func (c *Client) Start(cmd *exec.Cmd) (chan runc.Exit, error) {
-	return c.start(cmd)
+	return c.startWith(cmd, nil)
+}
+
+// StartIn starts cmd through the server, born in the namespaces of join
+// (CLONE_NEW* flag -> namespace file; see package nsenter).
+func (c *Client) StartIn(cmd *exec.Cmd, join map[int]string) (chan runc.Exit, error) {
+	for flag := range join {
+		if !nsenter.Supported(flag) {
+			return nil, fmt.Errorf("spawn: joining namespaces of type %#x is not supported", flag)
+		}
+	}
+	return c.startWith(cmd, join)
 }
 
 // StartLocked is Start: go-runc locks the starting thread for the sake of
 // Pdeathsig, but the process's parent is the server, not this thread.
 func (c *Client) StartLocked(cmd *exec.Cmd) (chan runc.Exit, error) {
-	return c.start(cmd)
+	return c.startWith(cmd, nil)
 }
 
 // Wait returns cmd's status once its exit is known and its output has been
@@ -96,7 +108,7 @@ func (c *Client) Wait(cmd *exec.Cmd, ec chan runc.Exit) (int, error) {
 	return e.Status, copyErr
 }
 
-func (c *Client) start(cmd *exec.Cmd) (_ chan runc.Exit, err error) {
+func (c *Client) startWith(cmd *exec.Cmd, join map[int]string) (_ chan runc.Exit, err error) {
 	if cmd.Process != nil {
 		return nil, errors.New("spawn: already started")
 	}
@@ -130,6 +142,7 @@ func (c *Client) start(cmd *exec.Cmd) (_ chan runc.Exit, err error) {
 	if err != nil {
 		return nil, err
 	}
+	req.Join = join
 
 	var files []*os.File
 	add := func(f *os.File) int {
@@ -327,11 +340,11 @@ func spawnRequest(cmd *exec.Cmd) (*request, error) {
 	}
 	if a := cmd.SysProcAttr; a != nil {
 		rest := *a
-		rest.Setpgid, rest.Setsid, rest.Pdeathsig = false, false, 0
+		rest.Setpgid, rest.Setsid, rest.Pdeathsig, rest.Cloneflags = false, false, 0, 0
 		if !reflect.ValueOf(rest).IsZero() {
-			return nil, errors.New("spawn: only Setpgid, Setsid and Pdeathsig of SysProcAttr are supported")
+			return nil, errors.New("spawn: only Setpgid, Setsid, Pdeathsig and Cloneflags of SysProcAttr are supported")
 		}
-		req.Setpgid, req.Setsid, req.Pdeathsig = a.Setpgid, a.Setsid, int(a.Pdeathsig)
+		req.Setpgid, req.Setsid, req.Pdeathsig, req.Cloneflags = a.Setpgid, a.Setsid, int(a.Pdeathsig), a.Cloneflags
 	}
 	return req, nil
 }

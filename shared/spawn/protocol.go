@@ -68,6 +68,12 @@ type request struct {
 	Setpgid   bool     `json:"setpgid,omitempty"`
 	Setsid    bool     `json:"setsid,omitempty"`
 	Pdeathsig int      `json:"pdeathsig,omitempty"`
+	// Cloneflags are the namespaces the child gets new (CLONE_NEW*).
+	Cloneflags uintptr `json:"cloneflags,omitempty"`
+	// Join are namespaces the child is born in: CLONE_NEW* flag (as a
+	// decimal string, JSON keys being strings) -> namespace file (package
+	// nsenter).
+	Join map[int]string `json:"join,omitempty"`
 	// NFDs is how many descriptors travel with this message, so that the
 	// server can tell a truncated transfer from an intended one.
 	NFDs int `json:"nfds,omitempty"`

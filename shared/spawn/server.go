@@ -14,6 +14,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/kuasar-go/kuasar-go/shared/nsenter"
 	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
@@ -299,14 +300,20 @@ func (s *Server) start(req *request, fds []int) (pid int, exited chan exitRecord
 		Env:   env,
 		Files: child,
 		Sys: &syscall.SysProcAttr{
-			Setpgid:   req.Setpgid,
-			Setsid:    req.Setsid,
-			Pdeathsig: syscall.Signal(req.Pdeathsig),
+			Setpgid:    req.Setpgid,
+			Setsid:     req.Setsid,
+			Pdeathsig:  syscall.Signal(req.Pdeathsig),
+			Cloneflags: req.Cloneflags,
 		},
 	}
 	exited = make(chan exitRecord, 1)
 	s.startMu.RLock()
-	p, err := os.StartProcess(req.Path, args, attr)
+	var p *os.Process
+	err = nsenter.Do(req.Join, func() error {
+		var err error
+		p, err = os.StartProcess(req.Path, args, attr)
+		return err
+	})
 	if err == nil {
 		s.mu.Lock()
 		s.children[p.Pid] = exited

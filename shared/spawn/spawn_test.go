@@ -21,6 +21,7 @@ import (
 	runc "github.com/containerd/go-runc"
 	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 )
 
 // The server becomes a child subreaper and reaps every child of its
@@ -753,5 +754,57 @@ func TestHoldRelease(t *testing.T) {
 	}
 	if err := srv.Hold(ctx, ""); err == nil {
 		t.Error("Hold with an empty key succeeded")
+	}
+}
+
+// StartIn: the child is born in the namespaces it was given (the server
+// switches a thread into them, package nsenter), with new ones from
+// Cloneflags.
+func TestStartIn(t *testing.T) {
+	srv := startServer(t, 0)
+	// A network namespace of its own, held by a process.
+	owner := exec.Command("unshare", "--net", "sleep", "60")
+	if err := owner.Start(); err != nil {
+		t.Skipf("unshare --net: %v", err)
+	}
+	t.Cleanup(func() { owner.Process.Kill(); owner.Wait() })
+	netns := fmt.Sprintf("/proc/%d/ns/net", owner.Process.Pid)
+	var self unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &self); err != nil {
+		t.Fatal(err)
+	}
+	var want unix.Stat_t
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		// unshare switches after it starts.
+		if err := unix.Stat(netns, &want); err == nil && want.Ino != self.Ino {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no new netns for %d", owner.Process.Pid)
+		}
+	}
+	if err := unix.Stat(netns, &want); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	cmd := exec.Command("/bin/sh", "-c", "readlink /proc/self/ns/net; hostname")
+	cmd.Stdout = &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWUTS}
+	ec, err := srv.StartIn(cmd, map[int]string{unix.CLONE_NEWNET: netns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := srv.Wait(cmd, ec); err != nil || st != 0 {
+		t.Fatalf("child: %d, %v", st, err)
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 2 || lines[0] != fmt.Sprintf("net:[%d]", want.Ino) {
+		t.Errorf("child's netns %q, want net:[%d]", out.String(), want.Ino)
+	}
+	if _, err := srv.StartIn(exec.Command("/bin/true"), map[int]string{unix.CLONE_NEWNET: "/nosuch"}); err == nil {
+		t.Error("StartIn into a missing namespace succeeded")
+	}
+	if _, err := srv.StartIn(exec.Command("/bin/true"), map[int]string{unix.CLONE_NEWNS: "/proc/1/ns/mnt"}); err == nil {
+		t.Error("StartIn into a mount namespace (unsupported) succeeded")
 	}
 }

@@ -35,6 +35,7 @@ const (
 //	cat PATH | write PATH TEXT read or write a file
 //	alloc MIB                  allocate and touch MIB MiB, then print "allocated MIB MiB"
 //	sleep SECONDS | forever    sleep (forever: until killed)
+//	ticks                      print tick-0, tick-1, ... twice a second, until killed
 //	exit CODE                  exit with CODE
 const wasmProgramSource = `package main
 
@@ -116,6 +117,11 @@ func main() {
 			fmt.Println("running until killed")
 			for {
 				time.Sleep(time.Second)
+			}
+		case "ticks":
+			for n := 0; ; n++ {
+				fmt.Printf("tick-%d\n", n)
+				time.Sleep(500 * time.Millisecond)
 			}
 		case "exit":
 			i++

@@ -19,10 +19,14 @@ import (
 // proc is a module process: a child of the daemon that runs one module
 // once Start writes to its control pipe.
 type proc struct {
-	id    string // exec ID; "" for the init
-	pid   int
-	stdio stdio.Stdio
-	c     *container
+	id        string // exec ID; "" for the init
+	pid       int
+	startTime uint64 // task.StartTimer
+	stdio     stdio.Stdio
+	c         *container
+	// restored: a process of an earlier daemon instance, not this one's
+	// child: it counts as reaped once its exit is known.
+	restored bool
 
 	mu      sync.Mutex
 	ctl     *os.File // write end of the control pipe until Start or Delete
@@ -37,6 +41,7 @@ type proc struct {
 var _ process.Process = (*proc)(nil)
 
 func (p *proc) ID() string         { return p.id }
+func (p *proc) StartTime() uint64  { return p.startTime }
 func (p *proc) Pid() int           { return p.pid }
 func (p *proc) Stdio() stdio.Stdio { return p.stdio }
 
@@ -96,6 +101,10 @@ func (p *proc) Start(ctx context.Context) error {
 	}
 	if p.started {
 		return fmt.Errorf("process %s already started: %w", p.name(), errdefs.ErrFailedPrecondition)
+	}
+	if p.ctl == nil {
+		// Its control pipe closed with an earlier daemon instance.
+		return fmt.Errorf("process %s was created by an earlier instance of the daemon and can no longer start: %w", p.name(), errdefs.ErrFailedPrecondition)
 	}
 	_, err := p.ctl.Write([]byte{1})
 	p.ctl.Close()
@@ -166,6 +175,9 @@ func (p *proc) SetExited(status int) {
 		p.ctl = nil
 	}
 	close(p.waitCh)
+	if p.restored {
+		close(p.reaped)
+	}
 }
 
 func (p *proc) isReaped() bool {

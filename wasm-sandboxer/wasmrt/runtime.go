@@ -30,6 +30,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	procfs "github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/reap"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 	"github.com/kuasar-go/kuasar-go/shared/validate"
@@ -62,6 +63,10 @@ type Config struct {
 	// kuasar-wasm-runner-wasmtime (no Go runtime, less memory per
 	// container) lies beside the daemon.
 	GoRunnerOnly bool
+	// Monitor starts the module processes and compilers: the daemon's
+	// keeper, so that they outlive the daemon; nil: the daemon itself
+	// (reap.Monitor).
+	Monitor reap.ProcessMonitor
 }
 
 // Runtime makes wasm containers.
@@ -71,6 +76,7 @@ type Runtime struct {
 	// wasmtimeRunner runs the wasmtime engine's module processes:
 	// kuasar-wasm-runner-wasmtime beside the daemon, or "" (self does).
 	wasmtimeRunner string
+	monitor        reap.ProcessMonitor
 	log            *zap.Logger
 
 	compiling sync.Map // cache key -> *sync.Mutex
@@ -95,7 +101,10 @@ func New(cfg Config, log *zap.Logger) (*Runtime, error) {
 	if err != nil {
 		return nil, err
 	}
-	rt := &Runtime{cfg: cfg, self: self, log: log}
+	rt := &Runtime{cfg: cfg, self: self, monitor: cfg.Monitor, log: log}
+	if rt.monitor == nil {
+		rt.monitor = reap.Monitor
+	}
 	if engine.Check("wasmtime") == nil {
 		exe, err := os.Executable()
 		switch {
@@ -291,11 +300,11 @@ func (rt *Runtime) ensureCompiled(ctx context.Context, name, module string, wasm
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	t0 := time.Now()
-	ec, err := reap.Monitor.Start(cmd)
+	ec, err := rt.monitor.Start(cmd)
 	if err != nil {
 		return fmt.Errorf("start compiler: %w", err)
 	}
-	status, err := reap.Monitor.Wait(cmd, ec)
+	status, err := rt.monitor.Wait(cmd, ec)
 	if err != nil {
 		return fmt.Errorf("compiler: %w", err)
 	}
@@ -388,7 +397,7 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 	cmd.Dir = "/"
 	cmd.ExtraFiles = []*os.File{ctlR, stW} // runner.ControlFD, runner.StatusFD
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: newNS}
-	ec, err := startIn(cmd, join)
+	ec, err := rt.monitor.StartIn(cmd, join)
 	ctlR.Close()
 	stW.Close()
 	if err != nil {
@@ -400,8 +409,10 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 		stdio:  stdio.Stdio{Stdin: stdin, Stdout: stdout, Stderr: stderr},
 		waitCh: make(chan struct{}), reaped: make(chan struct{}),
 	}
+	// Zero if it has already ended: its exit then matches on the PID.
+	p.startTime, _ = procfs.StartTime(p.pid)
 	go func() {
-		reap.Monitor.Wait(cmd, ec)
+		rt.monitor.Wait(cmd, ec)
 		close(p.reaped)
 	}()
 	defer func() {

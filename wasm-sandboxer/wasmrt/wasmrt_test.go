@@ -133,7 +133,7 @@ func TestPodNamespaces(t *testing.T) {
 	}
 }
 
-// TestStartIn: a process started by startIn is born in the namespaces it
+// TestStartIn: a process started by reap.Monitor.StartIn is born in the namespaces it
 // was given, the PID namespace included, and no thread of this process is
 // left in them.
 func TestStartIn(t *testing.T) {
@@ -165,7 +165,7 @@ func TestStartIn(t *testing.T) {
 	var out bytes.Buffer
 	cmd := exec.Command("/bin/sh", "-c", "readlink /proc/self/ns/net /proc/self/ns/pid /proc/self/ns/ipc /proc/self/ns/uts")
 	cmd.Stdout = &out
-	cec, err := startIn(cmd, join)
+	cec, err := reap.Monitor.StartIn(cmd, join)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,8 +189,8 @@ func TestStartIn(t *testing.T) {
 		}
 	}
 	// A path that is no namespace fails cleanly.
-	if _, err := startIn(exec.Command("/bin/true"), map[int]string{unix.CLONE_NEWNET: "/nosuch"}); err == nil {
-		t.Error("startIn with a missing namespace path succeeded")
+	if _, err := reap.Monitor.StartIn(exec.Command("/bin/true"), map[int]string{unix.CLONE_NEWNET: "/nosuch"}); err == nil {
+		t.Error("StartIn with a missing namespace path succeeded")
 	}
 }
 

@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kuasar-go/kuasar-go/shared/testenv"
 	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
@@ -109,11 +108,13 @@ func TestFaultStateUnwritableAtCreate(t *testing.T) {
 }
 
 // TestFaultKillSandboxer kills each sandboxer with SIGKILL while its pod
-// runs a long container and a short one that ends while the daemon is
-// down, then starts it again: the pod is ready, the long container still
-// runs and takes an exec, the short one reports its own exit code, and the
-// pod takes a new container. The keeper (package keeper) keeps containerd's
-// task connections across the restart.
+// runs a long container, one that writes twice a second and one that ends
+// while the daemon is down, then starts it again: the pod is ready, the
+// long container still runs and takes an exec, the writer's log goes on,
+// the short one reports its own exit code, the pod's first container keeps
+// its exit code (wasm), and the pod takes a new container. The keeper
+// (package keeper) keeps containerd's task connections and the
+// containers' exits across the restart.
 func TestFaultKillSandboxer(t *testing.T) {
 	n := startNode(t)
 	env := n.env
@@ -127,25 +128,27 @@ func TestFaultKillSandboxer(t *testing.T) {
 	ctx := t.Context()
 	for _, r := range runs {
 		t.Run(r.fam.name, func(t *testing.T) {
+			f := r.fam
+			long := f.run("long-"+f.name, f.cmds.forever...)
+			longID := env.CreateStartContainer(t, r.podID, r.podCfg, long)
 			// The short container ends 2 s after its start; the daemon is
 			// down from about then for 4 s.
-			short := testenv.ContainerConfig("short-"+r.fam.name, "sh", "-c", "sleep 2; exit 42")
-			shortID := env.CreateStartContainer(t, r.podID, r.podCfg, short)
+			shortID := env.CreateStartContainer(t, r.podID, r.podCfg, f.run("short-"+f.name, f.cmds.short...))
 			// The ticker writes twice a second, through the restart: its
 			// output must neither kill it (SIGPIPE) nor stop reaching its log.
-			ticker := testenv.ContainerConfig("ticker-"+r.fam.name, "sh", "-c", "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done")
+			ticker := f.run("ticker-"+f.name, f.cmds.ticker...)
 			tickerID := env.CreateStartContainer(t, r.podID, r.podCfg, ticker)
 			env.WaitLog(t, r.podCfg, ticker, "tick-1\n", 60*time.Second)
-			daemonPID := env.DaemonPID(r.fam.handler)
+			daemonPID := env.DaemonPID(f.handler)
 			t0 := time.Now()
-			env.KillSandboxer(t, r.fam.handler, 4*time.Second)
-			t.Logf("%s killed (pid %d) and serving again after %v", r.fam.handler, daemonPID, time.Since(t0).Round(time.Millisecond))
+			env.KillSandboxer(t, f.handler, 4*time.Second)
+			t.Logf("%s killed (pid %d) and serving again after %v", f.handler, daemonPID, time.Since(t0).Round(time.Millisecond))
 
 			env.WaitPodReady(t, r.podID, 20*time.Second)
-			if st := env.ContainerStatus(t, r.ctrID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
+			if st := env.ContainerStatus(t, longID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
 				t.Fatalf("long container after the sandboxer's restart: %v (exit %d, %s), want RUNNING", st.State, st.ExitCode, st.Reason)
 			}
-			if out, _, code := env.ExecSync(t, r.ctrID, 60*time.Second, "sh", "-c", "echo alive; exit 5"); out != "alive\n" || code != 5 {
+			if out, _, code := env.ExecSync(t, longID, 60*time.Second, f.cmds.exec...); out != "alive\n" || code != 5 {
 				t.Errorf("ExecSync after the sandboxer's restart: %q, exit %d; want alive, 5", out, code)
 			}
 			// About 10 s after its start: after the restart.
@@ -158,15 +161,20 @@ func TestFaultKillSandboxer(t *testing.T) {
 			if code := env.WaitContainerExited(t, shortID, 30*time.Second); code != 42 {
 				t.Errorf("the container that ended while the sandboxer was down reports exit %d, want 42", code)
 			}
-			after := testenv.ContainerConfig("after-"+r.fam.name, "sh", "-c", "echo after-restart")
+			if f.exitCode >= 0 {
+				if st := env.ContainerStatus(t, r.ctrID); st.State != runtime.ContainerState_CONTAINER_EXITED || st.ExitCode != f.exitCode {
+					t.Errorf("the pod's first container after the restart: %v, exit %d; want EXITED with %d", st.State, st.ExitCode, f.exitCode)
+				}
+			}
+			after := f.run("after-"+f.name, f.cmds.after...)
 			env.CreateStartContainer(t, r.podID, r.podCfg, after)
 			if log := env.WaitLog(t, r.podCfg, after, "after-restart\n", 60*time.Second); !strings.Contains(log, "after-restart\n") {
 				t.Errorf("a container started after the restart logged %q", log)
 			}
-			if _, err := env.Runtime.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: r.ctrID, Timeout: 1}); err != nil {
+			if _, err := env.Runtime.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: longID, Timeout: 1}); err != nil {
 				t.Fatalf("StopContainer after the sandboxer's restart: %v", err)
 			}
-			if st := env.ContainerStatus(t, r.ctrID); st.State != runtime.ContainerState_CONTAINER_EXITED {
+			if st := env.ContainerStatus(t, longID); st.State != runtime.ContainerState_CONTAINER_EXITED {
 				t.Errorf("long container after StopContainer: %v, want EXITED", st.State)
 			}
 		})

@@ -71,6 +71,39 @@ type family struct {
 	// status (TestFaultKillSandboxer).
 	survivesKill bool
 	check        func(t testing.TB, log string)
+	// run makes a container of the family that runs cmd: a shell command
+	// line, or the wasm test program's commands (see testenv).
+	run  func(name string, cmd ...string) *runtime.ContainerConfig
+	cmds familyCommands
+}
+
+// familyCommands are what the fault tests run in a family's containers.
+type familyCommands struct {
+	forever, short, ticker, after, exec []string
+}
+
+var shellCommands = familyCommands{
+	forever: []string{"sleep", "3600"},
+	short:   []string{"sh", "-c", "sleep 2; exit 42"},
+	ticker:  []string{"sh", "-c", "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done"},
+	after:   []string{"sh", "-c", "echo after-restart"},
+	exec:    []string{"sh", "-c", "echo alive; exit 5"},
+}
+
+var wasmCommands = familyCommands{
+	forever: []string{"forever"},
+	short:   []string{"sleep", "2", "exit", "42"},
+	ticker:  []string{"ticks"},
+	after:   []string{"echo", "after-restart"},
+	exec:    []string{"/app.wasm", "echo", "alive", "exit", "5"},
+}
+
+func wasmContainer(name string, args ...string) *runtime.ContainerConfig {
+	c := testenv.ContainerConfig(name)
+	c.Image = &runtime.ImageSpec{Image: testenv.WasmImage}
+	c.Command = []string{"/app.wasm"}
+	c.Args = args
+	return c
 }
 
 var (
@@ -183,6 +216,7 @@ func families(guestKernel string) []family {
 		{
 			name: "runc", handler: runcHandler, container: busybox("runc", ""),
 			done: "done-runc\n", exitCode: -1, busybox: true, survivesKill: true,
+			run: testenv.ContainerConfig, cmds: shellCommands,
 			check: func(t testing.TB, log string) {
 				checkWork(t, log)
 			},
@@ -191,13 +225,10 @@ func families(guestKernel string) []family {
 			name: "wasm", handler: wasmHandler,
 			annotations: map[string]string{wasmEngineAnnotation: "wasmtime"},
 			container: func() *runtime.ContainerConfig {
-				c := testenv.ContainerConfig("wasm")
-				c.Image = &runtime.ImageSpec{Image: testenv.WasmImage}
-				c.Command = []string{"/app.wasm"}
-				c.Args = []string{"args", "alloc", "8", "cat", "/etc/greeting", "echo", "done-wasm", "exit", "3"}
-				return c
+				return wasmContainer("wasm", "args", "alloc", "8", "cat", "/etc/greeting", "echo", "done-wasm", "exit", "3")
 			},
-			done: "done-wasm\n", exitCode: 3,
+			done: "done-wasm\n", exitCode: 3, survivesKill: true,
+			run: wasmContainer, cmds: wasmCommands,
 			check: func(t testing.TB, log string) {
 				t.Helper()
 				for _, want := range []string{"arg[0]=/app.wasm\n", "arg[2]=alloc\n", "arg[9]=3\n", "allocated 8 MiB\n", testenv.WasmGreeting + "\n"} {
@@ -212,6 +243,7 @@ func families(guestKernel string) []family {
 			annotations: map[string]string{gvisorPlatformAnnotation: "systrap"},
 			container:   busybox("gvisor", "dmesg; cat /proc/version; "),
 			done:        "done-gvisor\n", exitCode: -1, busybox: true, survivesKill: true,
+			run: testenv.ContainerConfig, cmds: shellCommands,
 			check: func(t testing.TB, log string) {
 				t.Helper()
 				checkWork(t, log)
@@ -227,6 +259,7 @@ func families(guestKernel string) []family {
 		{
 			name: "vm", handler: vmmHandler, container: busybox("vm", "echo kernel=$(uname -r); cat /proc/version; "),
 			done: "done-vm\n", exitCode: -1, busybox: true, survivesKill: true,
+			run: testenv.ContainerConfig, cmds: shellCommands,
 			check: func(t testing.TB, log string) {
 				t.Helper()
 				checkWork(t, log)
