@@ -532,7 +532,17 @@ func (e *Env) daemon(name string) *daemon {
 // the test's to check.
 func (e *Env) RestartSandboxer(t testing.TB, name string, down time.Duration) {
 	t.Helper()
-	e.restartDaemon(t, name, down, syscall.SIGTERM, func() error { return e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second) })
+	e.RestartSandboxers(t, []string{name}, down)
+}
+
+// RestartSandboxers stops every sandboxer of names with SIGTERM before any
+// starts again, waits down and starts them all, returning once each
+// controller socket serves: a node-wide restart, as an upgrade does.
+func (e *Env) RestartSandboxers(t testing.TB, names []string, down time.Duration) {
+	t.Helper()
+	e.restartDaemons(t, names, down, syscall.SIGTERM, func(name string) error {
+		return e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second)
+	})
 }
 
 // KillSandboxer kills the sandboxer name with SIGKILL (what it started
@@ -540,7 +550,9 @@ func (e *Env) RestartSandboxer(t testing.TB, name string, down time.Duration) {
 // returning once its controller socket serves.
 func (e *Env) KillSandboxer(t testing.TB, name string, down time.Duration) {
 	t.Helper()
-	e.restartDaemon(t, name, down, syscall.SIGKILL, func() error { return e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second) })
+	e.restartDaemons(t, []string{name}, down, syscall.SIGKILL, func(name string) error {
+		return e.waitSocket(name, e.SandboxerSockets[name], 30*time.Second)
+	})
 }
 
 // RestartContainerd stops containerd with SIGTERM (the sandboxers and
@@ -548,35 +560,43 @@ func (e *Env) KillSandboxer(t testing.TB, name string, down time.Duration) {
 // CRI serves.
 func (e *Env) RestartContainerd(t testing.TB) {
 	t.Helper()
-	e.restartDaemon(t, "containerd", 0, syscall.SIGTERM, func() error { return e.waitCRIReady(60 * time.Second) })
+	e.restartDaemons(t, []string{"containerd"}, 0, syscall.SIGTERM, func(string) error { return e.waitCRIReady(60 * time.Second) })
 }
 
-func (e *Env) restartDaemon(t testing.TB, name string, down time.Duration, sig syscall.Signal, ready func() error) {
-	d := e.daemon(name)
-	if d == nil {
-		t.Fatalf("testenv: no daemon %s", name)
-	}
-	if sig == syscall.SIGKILL {
-		_ = d.cmd.Process.Kill()
-		<-d.done
-	} else {
-		stopDaemon(t, d, 10*time.Second)
-	}
-	for i, p := range e.procs {
-		if p == d {
-			e.procs = append(e.procs[:i], e.procs[i+1:]...)
-			break
+func (e *Env) restartDaemons(t testing.TB, names []string, down time.Duration, sig syscall.Signal, ready func(name string) error) {
+	var stopped []*daemon
+	for _, name := range names {
+		d := e.daemon(name)
+		if d == nil {
+			t.Fatalf("testenv: no daemon %s", name)
 		}
+		if sig == syscall.SIGKILL {
+			_ = d.cmd.Process.Kill()
+			<-d.done
+		} else {
+			stopDaemon(t, d, 10*time.Second)
+		}
+		for i, p := range e.procs {
+			if p == d {
+				e.procs = append(e.procs[:i], e.procs[i+1:]...)
+				break
+			}
+		}
+		stopped = append(stopped, d)
 	}
 	time.Sleep(down)
-	if err := e.startDaemon(name, d.cmd.Path, d.args, d.env); err != nil {
-		t.Fatal(err)
+	for i, d := range stopped {
+		if err := e.startDaemon(names[i], d.cmd.Path, d.args, d.env); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err := ready(); err != nil {
-		t.Fatal(err)
+	for _, name := range names {
+		if err := ready(name); err != nil {
+			t.Fatal(err)
+		}
+		// The new instance replaces one that leak checks knew.
+		e.ignore = append(e.ignore, regexp.MustCompile(fmt.Sprintf(`^%d `, e.DaemonPID(name))))
 	}
-	// The new instance replaces one that leak checks knew.
-	e.ignore = append(e.ignore, regexp.MustCompile(fmt.Sprintf(`^%d `, e.DaemonPID(name))))
 }
 
 // DaemonPID is the PID of the daemon (containerd or a sandboxer by name),

@@ -108,77 +108,128 @@ func TestFaultStateUnwritableAtCreate(t *testing.T) {
 }
 
 // TestFaultKillSandboxer kills each sandboxer with SIGKILL while its pod
-// runs a long container, one that writes twice a second and one that ends
-// while the daemon is down, then starts it again: the pod is ready, the
-// long container still runs and takes an exec, the writer's log goes on,
-// the short one reports its own exit code, the pod's first container keeps
-// its exit code (wasm), and the pod takes a new container. The keeper
-// (package keeper) keeps containerd's task connections and the
-// containers' exits across the restart.
+// runs containers (see survivor), then starts it again: nothing of the pod
+// is lost. The keeper (package keeper) keeps containerd's task connections
+// and the containers' exits across the restart.
 func TestFaultKillSandboxer(t *testing.T) {
 	n := startNode(t)
 	env := n.env
 	before := env.Snapshot()
+	runs := n.survivingPods(t)
+	for _, r := range runs {
+		t.Run(r.fam.name, func(t *testing.T) {
+			s := n.prepareSurvivor(t, r)
+			daemonPID := env.DaemonPID(r.fam.handler)
+			t0 := time.Now()
+			env.KillSandboxer(t, r.fam.handler, 4*time.Second)
+			t.Logf("%s killed (pid %d) and serving again after %v", r.fam.handler, daemonPID, time.Since(t0).Round(time.Millisecond))
+			s.check(t)
+		})
+	}
+	n.removeAll(t, "RemovePods", runs)
+	env.AssertNoLeaks(t, before, 60*time.Second)
+}
+
+// TestRecoverySandboxersRestart stops every sandboxer at once (SIGTERM, as
+// an upgrade of the node would) while their pods run containers, and
+// starts them again: each reloads its pods and containers from its state
+// directory, reattaches to what runs and reports what ended meanwhile with
+// its real exit code.
+func TestRecoverySandboxersRestart(t *testing.T) {
+	n := startNode(t)
+	env := n.env
+	before := env.Snapshot()
+	runs := n.survivingPods(t)
+	survivors := make([]*survivor, len(runs))
+	for i, r := range runs {
+		survivors[i] = n.prepareSurvivor(t, r)
+	}
+	t0 := time.Now()
+	var handlers []string
+	for _, r := range runs {
+		handlers = append(handlers, r.fam.handler)
+	}
+	env.RestartSandboxers(t, handlers, 4*time.Second)
+	t.Logf("%d sandboxers stopped and serving again after %v", len(runs), time.Since(t0).Round(time.Millisecond))
+	for _, s := range survivors {
+		t.Run(s.r.fam.name, s.check)
+	}
+	n.removeAll(t, "RemovePods", runs)
+	env.AssertNoLeaks(t, before, 60*time.Second)
+}
+
+// survivingPods runs a pod of each family that outlives its sandboxer.
+func (n *node) survivingPods(t *testing.T) []*podRun {
 	var runs []*podRun
 	for _, f := range n.fams {
 		if f.survivesKill {
 			runs = append(runs, n.runPod(t, f))
 		}
 	}
-	ctx := t.Context()
-	for _, r := range runs {
-		t.Run(r.fam.name, func(t *testing.T) {
-			f := r.fam
-			long := f.run("long-"+f.name, f.cmds.forever...)
-			longID := env.CreateStartContainer(t, r.podID, r.podCfg, long)
-			// The short container ends 2 s after its start; the daemon is
-			// down from about then for 4 s.
-			shortID := env.CreateStartContainer(t, r.podID, r.podCfg, f.run("short-"+f.name, f.cmds.short...))
-			// The ticker writes twice a second, through the restart: its
-			// output must neither kill it (SIGPIPE) nor stop reaching its log.
-			ticker := f.run("ticker-"+f.name, f.cmds.ticker...)
-			tickerID := env.CreateStartContainer(t, r.podID, r.podCfg, ticker)
-			env.WaitLog(t, r.podCfg, ticker, "tick-1\n", 60*time.Second)
-			daemonPID := env.DaemonPID(f.handler)
-			t0 := time.Now()
-			env.KillSandboxer(t, f.handler, 4*time.Second)
-			t.Logf("%s killed (pid %d) and serving again after %v", f.handler, daemonPID, time.Since(t0).Round(time.Millisecond))
+	return runs
+}
 
-			env.WaitPodReady(t, r.podID, 20*time.Second)
-			if st := env.ContainerStatus(t, longID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
-				t.Fatalf("long container after the sandboxer's restart: %v (exit %d, %s), want RUNNING", st.State, st.ExitCode, st.Reason)
-			}
-			if out, _, code := env.ExecSync(t, longID, 60*time.Second, f.cmds.exec...); out != "alive\n" || code != 5 {
-				t.Errorf("ExecSync after the sandboxer's restart: %q, exit %d; want alive, 5", out, code)
-			}
-			// About 10 s after its start: after the restart.
-			if log := env.WaitLog(t, r.podCfg, ticker, "tick-20\n", 60*time.Second); !strings.Contains(log, "tick-20\n") {
-				t.Errorf("the ticker's output did not go on after the restart:\n%s", log)
-			}
-			if st := env.ContainerStatus(t, tickerID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
-				t.Errorf("ticker after the restart: %v (exit %d), want RUNNING", st.State, st.ExitCode)
-			}
-			if code := env.WaitContainerExited(t, shortID, 30*time.Second); code != 42 {
-				t.Errorf("the container that ended while the sandboxer was down reports exit %d, want 42", code)
-			}
-			if f.exitCode >= 0 {
-				if st := env.ContainerStatus(t, r.ctrID); st.State != runtime.ContainerState_CONTAINER_EXITED || st.ExitCode != f.exitCode {
-					t.Errorf("the pod's first container after the restart: %v, exit %d; want EXITED with %d", st.State, st.ExitCode, f.exitCode)
-				}
-			}
-			after := f.run("after-"+f.name, f.cmds.after...)
-			env.CreateStartContainer(t, r.podID, r.podCfg, after)
-			if log := env.WaitLog(t, r.podCfg, after, "after-restart\n", 60*time.Second); !strings.Contains(log, "after-restart\n") {
-				t.Errorf("a container started after the restart logged %q", log)
-			}
-			if _, err := env.Runtime.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: longID, Timeout: 1}); err != nil {
-				t.Fatalf("StopContainer after the sandboxer's restart: %v", err)
-			}
-			if st := env.ContainerStatus(t, longID); st.State != runtime.ContainerState_CONTAINER_EXITED {
-				t.Errorf("long container after StopContainer: %v, want EXITED", st.State)
-			}
-		})
+// survivor is a pod whose sandboxer is about to go away: a long container,
+// one that writes twice a second and one that ends while the daemon is
+// down.
+type survivor struct {
+	n                         *node
+	r                         *podRun
+	longID, shortID, tickerID string
+	ticker                    *runtime.ContainerConfig
+}
+
+func (n *node) prepareSurvivor(t *testing.T, r *podRun) *survivor {
+	env, f := n.env, r.fam
+	s := &survivor{n: n, r: r, ticker: f.run("ticker-"+f.name, f.cmds.ticker...)}
+	s.longID = env.CreateStartContainer(t, r.podID, r.podCfg, f.run("long-"+f.name, f.cmds.forever...))
+	// The short container ends 2 s after its start; the daemon is down
+	// from about then for 4 s.
+	s.shortID = env.CreateStartContainer(t, r.podID, r.podCfg, f.run("short-"+f.name, f.cmds.short...))
+	// The ticker writes through the restart: its output must neither kill
+	// it (SIGPIPE) nor stop reaching its log.
+	s.tickerID = env.CreateStartContainer(t, r.podID, r.podCfg, s.ticker)
+	env.WaitLog(t, r.podCfg, s.ticker, "tick-1\n", 60*time.Second)
+	return s
+}
+
+// check runs after the sandboxer's restart: the pod is ready, the long
+// container still runs and takes an exec, the ticker's log goes on, the
+// short one reports its own exit code, the pod's first container keeps
+// its exit code (wasm), and the pod takes a new container.
+func (s *survivor) check(t *testing.T) {
+	env, r, f := s.n.env, s.r, s.r.fam
+	env.WaitPodReady(t, r.podID, 20*time.Second)
+	if st := env.ContainerStatus(t, s.longID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
+		t.Fatalf("long container after the sandboxer's restart: %v (exit %d, %s), want RUNNING", st.State, st.ExitCode, st.Reason)
 	}
-	n.removeAll(t, "RemovePods", runs)
-	env.AssertNoLeaks(t, before, 60*time.Second)
+	if out, _, code := env.ExecSync(t, s.longID, 60*time.Second, f.cmds.exec...); out != "alive\n" || code != 5 {
+		t.Errorf("ExecSync after the sandboxer's restart: %q, exit %d; want alive, 5", out, code)
+	}
+	// About 10 s after its start: after the restart.
+	if log := env.WaitLog(t, r.podCfg, s.ticker, "tick-20\n", 60*time.Second); !strings.Contains(log, "tick-20\n") {
+		t.Errorf("the ticker's output did not go on after the restart:\n%s", log)
+	}
+	if st := env.ContainerStatus(t, s.tickerID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
+		t.Errorf("ticker after the restart: %v (exit %d), want RUNNING", st.State, st.ExitCode)
+	}
+	if code := env.WaitContainerExited(t, s.shortID, 30*time.Second); code != 42 {
+		t.Errorf("the container that ended while the sandboxer was down reports exit %d, want 42", code)
+	}
+	if f.exitCode >= 0 {
+		if st := env.ContainerStatus(t, r.ctrID); st.State != runtime.ContainerState_CONTAINER_EXITED || st.ExitCode != f.exitCode {
+			t.Errorf("the pod's first container after the restart: %v, exit %d; want EXITED with %d", st.State, st.ExitCode, f.exitCode)
+		}
+	}
+	after := f.run("after-"+f.name, f.cmds.after...)
+	env.CreateStartContainer(t, r.podID, r.podCfg, after)
+	if log := env.WaitLog(t, r.podCfg, after, "after-restart\n", 60*time.Second); !strings.Contains(log, "after-restart\n") {
+		t.Errorf("a container started after the restart logged %q", log)
+	}
+	if _, err := env.Runtime.StopContainer(t.Context(), &runtime.StopContainerRequest{ContainerId: s.longID, Timeout: 1}); err != nil {
+		t.Fatalf("StopContainer after the sandboxer's restart: %v", err)
+	}
+	if st := env.ContainerStatus(t, s.longID); st.State != runtime.ContainerState_CONTAINER_EXITED {
+		t.Errorf("long container after StopContainer: %v, want EXITED", st.State)
+	}
 }
