@@ -11,7 +11,6 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/containerd/console"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/process"
 	runcshim "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/runc"
@@ -405,19 +404,11 @@ func (c *container) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (pr
 }
 
 func (c *container) Kill(ctx context.Context, r *taskAPI.KillRequest) error {
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return err
-	}
-	return p.Kill(ctx, r.Signal, r.All)
+	return c.KillProcess(ctx, c.init, r)
 }
 
 func (c *container) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) error {
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return err
-	}
-	return p.Resize(console.WinSize{Width: uint16(r.Width), Height: uint16(r.Height)})
+	return c.ResizeProcess(c.init, r)
 }
 
 func (c *container) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) error {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/containerd/console"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/process"
 	"github.com/containerd/errdefs"
@@ -66,6 +67,25 @@ func (t *Execs[P]) DeleteProcess(ctx context.Context, init process.Process, r *t
 		t.Remove(r.ExecID)
 	}
 	return p, nil
+}
+
+// KillProcess signals the init or exec'd process that r names.
+func (t *Execs[P]) KillProcess(ctx context.Context, init process.Process, r *taskAPI.KillRequest) error {
+	p, err := t.Process(init, r.ExecID)
+	if err != nil {
+		return err
+	}
+	return p.Kill(ctx, r.Signal, r.All)
+}
+
+// ResizeProcess resizes the terminal of the init or exec'd process that r
+// names.
+func (t *Execs[P]) ResizeProcess(init process.Process, r *taskAPI.ResizePtyRequest) error {
+	p, err := t.Process(init, r.ExecID)
+	if err != nil {
+		return err
+	}
+	return p.Resize(console.WinSize{Width: uint16(r.Width), Height: uint16(r.Height)})
 }
 
 // List returns the exec'd processes.

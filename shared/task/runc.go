@@ -34,13 +34,22 @@ type RuncRuntime struct {
 	log      *zap.Logger
 }
 
-// NewRuncRuntime returns a runtime driving cfg's CLI.
-func NewRuncRuntime(cfg RuntimeConfig, log *zap.Logger) (*RuncRuntime, error) {
+// WithDefaults fills in the default CLI and checks that the root is set.
+func (cfg RuntimeConfig) WithDefaults() (RuntimeConfig, error) {
 	if cfg.Binary == "" {
 		cfg.Binary = "runc"
 	}
 	if cfg.Root == "" {
-		return nil, fmt.Errorf("runtime root must be set: %w", errdefs.ErrInvalidArgument)
+		return cfg, fmt.Errorf("runtime root must be set: %w", errdefs.ErrInvalidArgument)
+	}
+	return cfg, nil
+}
+
+// NewRuncRuntime returns a runtime driving cfg's CLI.
+func NewRuncRuntime(cfg RuntimeConfig, log *zap.Logger) (*RuncRuntime, error) {
+	cfg, err := cfg.WithDefaults()
+	if err != nil {
+		return nil, err
 	}
 	platform, err := runc.NewPlatform()
 	if err != nil {

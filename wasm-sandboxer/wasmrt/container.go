@@ -128,11 +128,7 @@ func (c *container) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (pr
 }
 
 func (c *container) Kill(ctx context.Context, r *taskAPI.KillRequest) error {
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return err
-	}
-	return p.Kill(ctx, r.Signal, r.All)
+	return c.KillProcess(ctx, c.init, r)
 }
 
 // signalAll signals every running process of the container.

@@ -24,7 +24,7 @@ func main() {
 		}
 		// Containers get containerd's FIFOs directly and are recorded, so
 		// that they outlive the daemon (package oci).
-		return oci.NewRuntime(oci.Config{
+		return oci.NewRuntime(task.RuntimeConfig{
 			Binary:        cfg.Runtime.Binary,
 			Root:          root,
 			SystemdCgroup: cfg.Runtime.SystemdCgroup,

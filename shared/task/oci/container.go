@@ -14,7 +14,6 @@ import (
 	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
 	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2"
-	"github.com/containerd/console"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/process"
 	shimrunc "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/runc"
@@ -109,20 +108,12 @@ func (c *Container) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (pr
 
 // Kill signals the init (through runc) or an exec'd process.
 func (c *Container) Kill(ctx context.Context, r *taskAPI.KillRequest) error {
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return err
-	}
-	return p.Kill(ctx, r.Signal, r.All)
+	return c.execs.KillProcess(ctx, c.init, r)
 }
 
 // ResizePty resizes a terminal process's console.
 func (c *Container) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) error {
-	p, err := c.Process(r.ExecID)
-	if err != nil {
-		return err
-	}
-	return p.Resize(console.WinSize{Width: uint16(r.Width), Height: uint16(r.Height)})
+	return c.execs.ResizeProcess(c.init, r)
 }
 
 // CloseIO closes a process's stdin where the daemon holds it (terminal

@@ -172,7 +172,7 @@ type env struct {
 
 func newRuntime(t *testing.T, root string) *oci.Runtime {
 	t.Helper()
-	rt, err := oci.NewRuntime(oci.Config{Root: root}, zaptest.NewLogger(t))
+	rt, err := oci.NewRuntime(task.RuntimeConfig{Root: root}, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -781,7 +781,7 @@ func TestCreateError(t *testing.T) {
 	if _, err := e.rt.Create(context.Background(), e.request(stdio.Stdio{})); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("no namespace: %v, want InvalidArgument", err)
 	}
-	if _, err := oci.NewRuntime(oci.Config{}, nil); !errdefs.IsInvalidArgument(err) {
+	if _, err := oci.NewRuntime(task.RuntimeConfig{}, nil); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("no root: %v, want InvalidArgument", err)
 	}
 }

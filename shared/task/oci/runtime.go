@@ -71,18 +71,6 @@ var (
 	_ task.StartTimer = (*Exec)(nil)
 )
 
-// Config is the OCI runtime CLI the Runtime drives where containerd's
-// runtime options do not name one.
-type Config struct {
-	// Binary is the runtime CLI: "runc" (default), "crun" or a path.
-	Binary string
-	// Root is the runtime's state directory (--root); required. As in the
-	// shim, each containerd namespace gets a directory below it.
-	Root string
-	// SystemdCgroup makes the runtime use the systemd cgroup driver.
-	SystemdCgroup bool
-}
-
 // Runtime makes containers whose processes the daemon holds no IO of, and
 // rebuilds them from their records.
 type Runtime struct {
@@ -93,12 +81,10 @@ type Runtime struct {
 }
 
 // NewRuntime returns a runtime driving cfg's CLI.
-func NewRuntime(cfg Config, log *zap.Logger) (*Runtime, error) {
-	if cfg.Binary == "" {
-		cfg.Binary = "runc"
-	}
-	if cfg.Root == "" {
-		return nil, fmt.Errorf("runtime root must be set: %w", errdefs.ErrInvalidArgument)
+func NewRuntime(cfg task.RuntimeConfig, log *zap.Logger) (*Runtime, error) {
+	cfg, err := cfg.WithDefaults()
+	if err != nil {
+		return nil, err
 	}
 	if log == nil {
 		log = zap.NewNop()
@@ -108,7 +94,7 @@ func NewRuntime(cfg Config, log *zap.Logger) (*Runtime, error) {
 		return nil, fmt.Errorf("console platform: %w", err)
 	}
 	return &Runtime{
-		cfg:      task.RuntimeConfig{Binary: cfg.Binary, Root: cfg.Root, SystemdCgroup: cfg.SystemdCgroup},
+		cfg:      cfg,
 		platform: platform,
 		log:      log,
 	}, nil
