@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
+	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/validate"
 )
 
@@ -242,7 +243,7 @@ func (e *Engine) appendContainer(pod *sandbox.Pod, t *TaskResource) (_ *Containe
 	if err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(filepath.Join(bundle, "config.json"), data); err != nil {
+	if err := store.WriteFileAtomic(filepath.Join(bundle, "config.json"), data); err != nil {
 		return nil, err
 	}
 	e.log.Debug("container prepared", zap.String("sandbox", pod.ID), zap.String("container", t.TaskID), zap.String("bundle", bundle))

@@ -32,6 +32,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/holder"
 	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/reap"
+	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
@@ -89,7 +90,7 @@ func (e *Engine) Create(ctx context.Context, pod *sandbox.Pod) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(b, "config.json"), data)
+	return store.WriteFileAtomic(filepath.Join(b, "config.json"), data)
 }
 
 // sandboxSpec is the spec Kuasar derives from the pod config: resources,
@@ -139,14 +140,6 @@ func resources(r *runtimeapi.LinuxContainerResources) *specs.LinuxResources {
 		out.HugepageLimits = append(out.HugepageLimits, specs.LinuxHugepageLimit{Pagesize: h.PageSize, Limit: h.Limit})
 	}
 	return out
-}
-
-func writeFileAtomic(path string, data []byte) error {
-	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
 
 // Start runs `quark sandbox`, which daemonizes the sandbox, writes its PID

@@ -61,8 +61,9 @@ type Base struct {
 var ErrVersionPrinted = errors.New("version printed")
 
 // Init parses args, prints the version if asked, loads cfg (defaults on
-// entry), sets up logging and the state directory. Families that run
-// container processes on the host also start reaping (package reap).
+// entry), sets up logging and the state directory, and finds or starts
+// the daemon's keeper (package keeper). Families that run container
+// processes on the host have the keeper start them (reap.Use).
 func Init(name string, args []string, cfg Config, stdout, stderr io.Writer) (*Base, error) {
 	// Every sandboxer binary doubles as its own keeper (package keeper).
 	if keeper.IsKeeper() {

@@ -7,7 +7,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/containerd/go-runc"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
@@ -36,9 +35,13 @@ func run(name string, cfg daemon.Config, newRuntime NewRuntime) error {
 		return err
 	}
 	defer base.Log.Sync()
-	if err := reap.Start(base.Log); err != nil {
-		return err
-	}
+	// Pods and containers outlive the daemon: the keeper starts the
+	// holders, the runtime CLI and the module processes, so it is the
+	// parent of the container processes and records their exits; the
+	// task service records its containers for the next instance, which
+	// restores them.
+	spawner := base.Keeper.Spawner()
+	reap.Use(spawner)
 	ctrl, err := controller.New(context.Background(), New(base.TaskAddress(), base.Log.Named("pods")), base.Store, base.Log.Named("controller"))
 	if err != nil {
 		return err
@@ -48,18 +51,9 @@ func run(name string, cfg daemon.Config, newRuntime NewRuntime) error {
 	if err != nil {
 		return err
 	}
-	var opts []task.Option
-	if _, ok := rt.(task.Restorer); ok {
-		// Containers outlive the daemon: the keeper runs the runtime CLI,
-		// so it is the parent of the container processes and records
-		// their exits, and the service records its containers for the
-		// next instance, which restores them.
-		spawner := base.Keeper.Spawner()
-		runc.Monitor = spawner
-		opts = append(opts, task.WithExits(task.KeeperExits{Spawner: spawner, Log: base.Log.Named("exits")}),
-			task.WithRecords(filepath.Join(base.Flags.Dir, "tasks")))
-	}
-	tasks, err := task.New(TaskSandboxes{Controller: ctrl}, base.Events, rt, base.Log.Named("task"), opts...)
+	tasks, err := task.New(TaskSandboxes{Controller: ctrl}, base.Events, rt, base.Log.Named("task"),
+		task.WithExits(task.KeeperExits{Spawner: spawner, Log: base.Log.Named("exits")}),
+		task.WithRecords(filepath.Join(base.Flags.Dir, "tasks")))
 	if err != nil {
 		rt.Close()
 		return err

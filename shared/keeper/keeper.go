@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -199,8 +200,11 @@ func (k *keeper) do(req request, resp *response) error {
 }
 
 func (k *keeper) listen(address, backend string) error {
-	if !filepath.IsAbs(address) || !filepath.IsAbs(backend) {
-		return fmt.Errorf("listen %q to %q: socket paths must be absolute", address, backend)
+	// Only in the daemon's own directory: listening replaces a stale file.
+	for _, p := range []string{address, backend} {
+		if !filepath.IsAbs(p) || !strings.HasPrefix(filepath.Clean(p), filepath.Clean(k.dir)+"/") {
+			return fmt.Errorf("listen %q to %q: socket paths must be absolute and below %s", address, backend, k.dir)
+		}
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()

@@ -120,6 +120,8 @@ func TestKeeperOutlivesItsDaemon(t *testing.T) {
 		{"other backend", address, filepath.Join(dir, "other.sock")},
 		{"relative address", "task.sock", backend},
 		{"relative backend", filepath.Join(dir, "t2.sock"), "backend.sock"},
+		{"address outside the directory", "/tmp/elsewhere.sock", backend},
+		{"address escaping the directory", filepath.Join(dir, "..", "escape.sock"), backend},
 	} {
 		if err := again.Listen(ctx, c.address, c.backend); err == nil {
 			t.Errorf("%s: Listen(%q, %q) succeeded", c.name, c.address, c.backend)

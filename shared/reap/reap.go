@@ -1,7 +1,9 @@
-// Package reap makes a sandboxer daemon the reaper of everything it starts.
-// Container processes outlive the runtime CLI that created them and are
-// re-parented to the daemon (a child subreaper), which collects their exit
-// statuses on SIGCHLD and hands them to subscribers of containerd's reaper.
+// Package reap decides who starts and reaps the processes a daemon starts
+// (through Monitor and go-runc). Container processes outlive the runtime
+// CLI that created them and are re-parented to the nearest child
+// subreaper: with Start, the process itself (the guest agent, tests),
+// which collects their exit statuses on SIGCHLD and hands them to
+// subscribers of containerd's reaper; with Use, the daemon's keeper.
 package reap
 
 import (
@@ -35,6 +37,15 @@ func Start(log *zap.Logger) error {
 		}
 	}()
 	return nil
+}
+
+// Use makes m start (and wait for) every process started through this
+// package or go-runc: a daemon hands them to its keeper (package keeper),
+// which is then the parent of the container processes and keeps their
+// exits while the daemon is down.
+func Use(m ProcessMonitor) {
+	Monitor = m
+	runc.Monitor = m
 }
 
 // ProcessMonitor starts processes, also born in namespaces of another

@@ -13,9 +13,9 @@ import (
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/errdefs"
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/shared/proc"
+	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/validate"
 )
 
@@ -53,32 +53,7 @@ func (s *Service) writeRecord(c *containerEntry) error {
 	}
 	s.recordMu.Lock()
 	defer s.recordMu.Unlock()
-	return writeFileAtomic(s.recordPath(c.ID()), b)
-}
-
-func writeFileAtomic(path string, data []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-	}
-	return err
+	return store.WriteFileAtomic(s.recordPath(c.ID()), b)
 }
 
 // updateRecord rewrites the record of a container the service still has
@@ -165,6 +140,9 @@ func (s *Service) restoreOne(ctx context.Context, rs Restorer, id string) (*cont
 	}
 	if err := validate.ID("sandbox", rec.SandboxID); err != nil {
 		return nil, fmt.Errorf("record %s: %w", s.recordPath(id), err)
+	}
+	if rec.Namespace == "" {
+		return nil, fmt.Errorf("record %s names no namespace: %w", s.recordPath(id), errdefs.ErrInvalidArgument)
 	}
 	rc, err := rs.Restore(ctx, rec.Container)
 	if err != nil {

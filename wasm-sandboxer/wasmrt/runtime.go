@@ -63,10 +63,6 @@ type Config struct {
 	// kuasar-wasm-runner-wasmtime (no Go runtime, less memory per
 	// container) lies beside the daemon.
 	GoRunnerOnly bool
-	// Monitor starts the module processes and compilers: the daemon's
-	// keeper, so that they outlive the daemon; nil: the daemon itself
-	// (reap.Monitor).
-	Monitor reap.ProcessMonitor
 }
 
 // Runtime makes wasm containers.
@@ -76,7 +72,6 @@ type Runtime struct {
 	// wasmtimeRunner runs the wasmtime engine's module processes:
 	// kuasar-wasm-runner-wasmtime beside the daemon, or "" (self does).
 	wasmtimeRunner string
-	monitor        reap.ProcessMonitor
 	log            *zap.Logger
 
 	compiling sync.Map // cache key -> *sync.Mutex
@@ -101,10 +96,7 @@ func New(cfg Config, log *zap.Logger) (*Runtime, error) {
 	if err != nil {
 		return nil, err
 	}
-	rt := &Runtime{cfg: cfg, self: self, monitor: cfg.Monitor, log: log}
-	if rt.monitor == nil {
-		rt.monitor = reap.Monitor
-	}
+	rt := &Runtime{cfg: cfg, self: self, log: log}
 	if engine.Check("wasmtime") == nil {
 		exe, err := os.Executable()
 		switch {
@@ -300,11 +292,11 @@ func (rt *Runtime) ensureCompiled(ctx context.Context, name, module string, wasm
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	t0 := time.Now()
-	ec, err := rt.monitor.Start(cmd)
+	ec, err := reap.Monitor.Start(cmd)
 	if err != nil {
 		return fmt.Errorf("start compiler: %w", err)
 	}
-	status, err := rt.monitor.Wait(cmd, ec)
+	status, err := reap.Monitor.Wait(cmd, ec)
 	if err != nil {
 		return fmt.Errorf("compiler: %w", err)
 	}
@@ -397,7 +389,7 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 	cmd.Dir = "/"
 	cmd.ExtraFiles = []*os.File{ctlR, stW} // runner.ControlFD, runner.StatusFD
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: newNS}
-	ec, err := rt.monitor.StartIn(cmd, join)
+	ec, err := reap.Monitor.StartIn(cmd, join)
 	ctlR.Close()
 	stW.Close()
 	if err != nil {
@@ -412,7 +404,7 @@ func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string
 	// Zero if it has already ended: its exit then matches on the PID.
 	p.startTime, _ = procfs.StartTime(p.pid)
 	go func() {
-		rt.monitor.Wait(cmd, ec)
+		reap.Monitor.Wait(cmd, ec)
 		close(p.reaped)
 	}()
 	defer func() {

@@ -12,7 +12,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/containerd/go-runc"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/gvisor"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/quark"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
@@ -47,14 +46,11 @@ func run() error {
 	}
 	log := base.Log
 	defer log.Sync()
-	if err := reap.Start(log); err != nil {
-		return err
-	}
 	// Pods and containers outlive the daemon: the keeper runs runsc, Quark
 	// and the containers' waiters, so it is the parent of what they leave
 	// running and records their exits for the next instance.
 	spawner := base.Keeper.Spawner()
-	runc.Monitor, reap.Monitor = spawner, spawner
+	reap.Use(spawner)
 	exits := task.KeeperExits{Spawner: spawner, Log: log.Named("exits")}
 	gv := gvisor.New(gvisor.Options{Config: cfg.GVisor, StateDir: base.Flags.Dir, TaskAddress: base.TaskAddress(), Exits: exits}, log.Named("gvisor"))
 	engines := []sandbox.Engine{gv, quark.New(cfg.Quark, exits, log.Named("quark"))}

@@ -31,9 +31,6 @@ func main() {
 			ContainerdAddress: strings.TrimSuffix(base.Flags.ContainerdAddress, ".ttrpc"),
 			ModulesDir:        filepath.Join(base.Flags.Dir, "modules"),
 			GoRunnerOnly:      cfg.Wasm.WasmtimeGoRunner,
-			// The keeper starts the module processes, so they outlive
-			// the daemon and their exits are kept (package keeper).
-			Monitor: base.Keeper.Spawner(),
 		}, base.Log.Named("wasm"))
 	})
 }
