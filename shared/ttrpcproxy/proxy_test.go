@@ -150,9 +150,18 @@ func (f *fakeTask) Shutdown(context.Context, *taskAPI.ShutdownRequest) (*emptypb
 	return nil, errUnimplemented
 }
 
+// backend is a fake daemon serving the task API.
+type backend struct {
+	srv *ttrpc.Server
+
+	mu     sync.Mutex
+	killed bool
+	conns  []net.Conn
+}
+
 // startBackend serves f on the unix socket path until the test ends or the
-// returned server is closed, which also removes the socket.
-func startBackend(t *testing.T, path string, f *fakeTask) *ttrpc.Server {
+// backend is killed.
+func startBackend(t *testing.T, path string, f *fakeTask) *backend {
 	t.Helper()
 	srv, err := ttrpc.NewServer()
 	if err != nil {
@@ -163,9 +172,45 @@ func startBackend(t *testing.T, path string, f *fakeTask) *ttrpc.Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go srv.Serve(context.Background(), l)
-	t.Cleanup(func() { srv.Close() })
-	return srv
+	b := &backend{srv: srv}
+	go srv.Serve(context.Background(), &trackingListener{Listener: l, b: b})
+	t.Cleanup(b.kill)
+	return b
+}
+
+// kill makes the backend go away as a killed daemon does: the socket and
+// every connection close. ttrpc's Server.Close alone is not that: a
+// connection's serving loop heeds it only while no call is in flight, as
+// of the loop's last turn, so a connection with a call in flight stayed
+// open now and then and the tests waited for an answer that never came.
+func (b *backend) kill() {
+	b.srv.Close()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.killed = true
+	for _, c := range b.conns {
+		c.Close()
+	}
+}
+
+// trackingListener records the connections it accepts for backend.kill.
+type trackingListener struct {
+	net.Listener
+	b *backend
+}
+
+func (l *trackingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.b.mu.Lock()
+	defer l.b.mu.Unlock()
+	if l.b.killed {
+		c.Close()
+	}
+	l.b.conns = append(l.b.conns, c)
+	return c, nil
 }
 
 // served is the outcome of a proxy's Serve.
@@ -338,7 +383,7 @@ func TestWaitReplayedToNewBackend(t *testing.T) {
 		return client.Wait(ctx, &taskAPI.WaitRequest{ID: "c1"})
 	})
 	expectCall(t, a, "Wait")
-	srvA.Close()
+	srvA.kill()
 	// Long enough for the proxy to find no backend and redial a few times.
 	time.Sleep(100 * time.Millisecond)
 
@@ -384,7 +429,13 @@ func TestInFlightNotReplayable(t *testing.T) {
 
 			call := async(func() (struct{}, error) { return struct{}{}, tc.call(ctx, client) })
 			expectCall(t, a, tc.method)
-			srvA.Close()
+			// containerd goes on calling on the same connection meanwhile;
+			// the backend's serving loop then always sees a call in flight.
+			if _, err := client.State(ctx, &taskAPI.StateRequest{ID: "c1"}); err != nil {
+				t.Fatalf("State: %v", err)
+			}
+			expectCall(t, a, "State")
+			srvA.kill()
 
 			r := receive(t, call)
 			if status.Code(r.err) != codes.Unavailable {
