@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"github.com/kuasar-go/kuasar-go/shared/controller"
+	"github.com/kuasar-go/kuasar-go/shared/holder"
+	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 )
 
@@ -12,7 +14,9 @@ import (
 // command that launched it (`runsc create`, `quark sandbox`), re-parented
 // to whoever reaps the daemon's processes (the keeper, or the daemon
 // itself), which src reports. It subscribes before the launch so that no
-// exit is missed while the PID is unknown.
+// exit is missed while the PID is unknown. If src stops reporting (the
+// keeper is gone, and with it the parent that could collect the status),
+// it watches the process itself, as after a restart (Family.Recover).
 type ExitWatch struct {
 	exits  <-chan task.Exit
 	cancel context.CancelFunc
@@ -44,8 +48,12 @@ func WatchExit(src task.ExitSource) (*ExitWatch, error) {
 
 func (w *ExitWatch) run() {
 	defer w.cancel()
+	// Closed without an exit, out tells the controller the exit is unknown.
+	defer close(w.out)
 	var early []task.Exit
+	exits := w.exits
 	pid := 0
+	var sandbox holder.Holder // pid, named across PID reuse
 	for {
 		select {
 		case p, ok := <-w.pid:
@@ -53,6 +61,8 @@ func (w *ExitWatch) run() {
 				return
 			}
 			pid = p
+			start, _ := proc.StartTime(pid)
+			sandbox = holder.Holder{Pid: pid, StartTime: start}
 			for _, e := range early {
 				if e.Pid == pid {
 					w.deliver(e)
@@ -60,8 +70,17 @@ func (w *ExitWatch) run() {
 				}
 			}
 			early = nil
-		case e, ok := <-w.exits:
+			if exits == nil {
+				w.follow(sandbox)
+				return
+			}
+		case e, ok := <-exits:
 			if !ok {
+				if pid == 0 {
+					exits = nil // watch the process once its PID is known
+					continue
+				}
+				w.follow(sandbox)
 				return
 			}
 			if pid == 0 {
@@ -78,6 +97,34 @@ func (w *ExitWatch) run() {
 
 func (w *ExitWatch) deliver(e task.Exit) {
 	w.out <- controller.Exit{Status: uint32(e.Status), ExitedAt: e.At}
+}
+
+// follow reports the end of the sandbox process, which src no longer
+// reports, with the unknown status; nothing if it cannot be watched.
+func (w *ExitWatch) follow(sandbox holder.Holder) {
+	if sandbox.StartTime == 0 {
+		return // ended before its PID was known
+	}
+	in, err := watchProcess(sandbox)
+	if err != nil {
+		return
+	}
+	w.out <- <-in
+}
+
+// watchProcess reports the end of a process that is not ours to reap,
+// whose exit status is therefore unknown.
+func watchProcess(h holder.Holder) (<-chan controller.Exit, error) {
+	in, err := holder.Watch(h)
+	if err != nil {
+		return nil, err
+	}
+	out := make(chan controller.Exit, 1)
+	go func() {
+		e := <-in
+		out <- controller.Exit{Status: uint32(e.Status), ExitedAt: e.At}
+	}()
+	return out, nil
 }
 
 // Pid names the process to watch and returns the channel of its exit.

@@ -243,16 +243,7 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (<-chan control
 	if st.Pid == 0 {
 		return nil, fmt.Errorf("sandbox %s has no process: %w", sb.ID, errdefs.ErrNotFound)
 	}
-	in, err := holder.Watch(st.sandboxProc())
-	if err != nil {
-		return nil, err
-	}
-	out := make(chan controller.Exit, 1)
-	go func() {
-		e := <-in
-		out <- controller.Exit{Status: uint32(e.Status), ExitedAt: e.At}
-	}()
-	return out, nil
+	return watchProcess(st.sandboxProc())
 }
 
 // Stop ends the pod's sandbox.
