@@ -1,9 +1,13 @@
 package proc
 
 import (
+	"errors"
 	"os"
 	"os/exec"
+	"syscall"
 	"testing"
+
+	"github.com/containerd/errdefs"
 )
 
 func TestParseStat(t *testing.T) {
@@ -45,5 +49,36 @@ func TestAlive(t *testing.T) {
 	}
 	if ok, err := Alive(cmd.Process.Pid, self); ok || err != nil {
 		t.Errorf("Alive(ended process) = %v, %v", ok, err)
+	}
+}
+
+func TestSignal(t *testing.T) {
+	cmd := exec.Command("sleep", "3600")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	pid := cmd.Process.Pid
+	start, err := StartTime(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Another start time: what a reused PID looks like.
+	if err := Signal(pid, start+1, syscall.SIGKILL); !errors.Is(err, ErrFinished) || !errdefs.IsNotFound(err) {
+		t.Errorf("Signal with another start time: %v, want ErrFinished (NotFound)", err)
+	}
+	if err := Signal(pid, start, syscall.SIGKILL); err != nil {
+		t.Fatalf("Signal: %v", err)
+	}
+	cmd.Wait()
+	if ws := cmd.ProcessState.Sys().(syscall.WaitStatus); !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+		t.Errorf("the process ended %v, want SIGKILL alone", ws)
+	}
+	if err := Signal(pid, start, syscall.SIGKILL); !errors.Is(err, ErrFinished) {
+		t.Errorf("Signal of an ended process: %v, want ErrFinished", err)
 	}
 }

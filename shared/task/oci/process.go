@@ -374,7 +374,7 @@ func (e *Exec) start(ctx context.Context) error {
 	if socket != nil {
 		if err := e.c.rt.startConsole(ctx, e.id, socket, e.stdio, &e.io); err != nil {
 			// Its terminal's other end is gone: do not leave it running.
-			_ = signalProcess(pid, st, unix.SIGKILL)
+			_ = proc.Signal(pid, st, unix.SIGKILL)
 			return err
 		}
 	}
@@ -432,7 +432,7 @@ func (e *Exec) Kill(ctx context.Context, sig uint32, _ bool) error {
 	case e.state == stateStopped:
 		return fmt.Errorf("process already finished: %w", errdefs.ErrNotFound)
 	}
-	return signalProcess(e.Pid(), e.StartTime(), syscall.Signal(sig))
+	return proc.Signal(e.Pid(), e.StartTime(), syscall.Signal(sig))
 }
 
 // Resize resizes the exec's console.
@@ -453,40 +453,6 @@ func resize(pio *procIO, ws console.WinSize) error {
 		return nil
 	}
 	return pio.console.Resize(ws)
-}
-
-var errFinished = fmt.Errorf("process already finished: %w", errdefs.ErrNotFound)
-
-// signalProcess signals pid only if it still is the process that started
-// at start: through a pidfd taken before the check, so the PID cannot be
-// reused between the check and the signal.
-func signalProcess(pid int, start uint64, sig syscall.Signal) error {
-	fd, err := unix.PidfdOpen(pid, 0)
-	switch {
-	case err == unix.ESRCH:
-		return errFinished
-	case err == unix.ENOSYS:
-		fd = -1
-	case err != nil:
-		return fmt.Errorf("pidfd of %d: %w", pid, err)
-	default:
-		defer unix.Close(fd)
-	}
-	if st, err := proc.StartTime(pid); err != nil || st != start {
-		return errFinished
-	}
-	if fd < 0 {
-		err = unix.Kill(pid, sig)
-	} else {
-		err = unix.PidfdSendSignal(fd, sig, nil, 0)
-	}
-	if err == unix.ESRCH {
-		return errFinished
-	}
-	if err != nil {
-		return fmt.Errorf("signal %d: %w", pid, err)
-	}
-	return nil
 }
 
 // kill runs `runc kill`, mapping a process or container that is gone to
