@@ -128,14 +128,16 @@ func Start(ctx context.Context, spec Spec) (*Holder, <-chan Exit, error) {
 		exited <- Exit{Status: status, At: time.Now()}
 	}()
 
+	// cmd.Process signals through a pidfd: a holder that died and was
+	// reaped meanwhile is not mistaken for whatever reused its PID.
 	if err := waitReady(ctx, r); err != nil {
-		unix.Kill(pid, unix.SIGKILL)
+		_ = cmd.Process.Kill()
 		<-exited
 		return nil, nil, fmt.Errorf("holder did not start: %w", err)
 	}
 	st, err := proc.StartTime(pid)
 	if err != nil {
-		unix.Kill(pid, unix.SIGKILL)
+		_ = cmd.Process.Kill()
 		<-exited
 		return nil, nil, err
 	}
@@ -158,14 +160,19 @@ func waitReady(ctx context.Context, r *os.File) error {
 }
 
 // Stop ends the holder. With its own PID namespace, killing it kills every
-// process of the namespace; otherwise it is asked to exit first.
+// process of the namespace; otherwise it is asked to exit first. Each
+// signal goes to the holder only if its PID still names it (proc.Signal):
+// a holder found after a restart is not this process's child, so its PID
+// may be reused once it ends.
 func Stop(h Holder, timeout time.Duration) error {
-	alive, err := Alive(h)
-	if err != nil || !alive {
-		return err
-	}
 	if timeout > 0 {
-		unix.Kill(h.Pid, unix.SIGTERM)
+		err := proc.Signal(h.Pid, h.StartTime, unix.SIGTERM)
+		if errors.Is(err, proc.ErrFinished) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("stop holder %d: %w", h.Pid, err)
+		}
 		deadline := time.Now().Add(timeout)
 		for time.Now().Before(deadline) {
 			if ok, _ := Alive(h); !ok {
@@ -174,7 +181,7 @@ func Stop(h Holder, timeout time.Duration) error {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	if err := unix.Kill(h.Pid, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+	if err := proc.Signal(h.Pid, h.StartTime, unix.SIGKILL); err != nil && !errors.Is(err, proc.ErrFinished) {
 		return fmt.Errorf("kill holder %d: %w", h.Pid, err)
 	}
 	return nil
