@@ -23,6 +23,10 @@ type WasmConfig struct {
 	// Engine runs containers that do not choose one by annotation:
 	// "wasmtime" (default where built in), "wazero", "wasmedge" (build tag).
 	Engine string `toml:"engine"`
+	// AllowedEngines are the engines the annotation wasm.kuasar-go.io/engine
+	// may choose; empty allows Engine only. Pod specs are not trusted: an
+	// annotation can only pick among what the operator allowed.
+	AllowedEngines []string `toml:"allowed_engines"`
 	// Cache keeps compiled modules on disk so that a module is compiled
 	// once per engine, not at every start.
 	Cache bool `toml:"cache"`
@@ -56,10 +60,27 @@ func (c *Config) Validate() error {
 	if err := engine.Check(c.Wasm.Engine); err != nil {
 		return fmt.Errorf("wasm.engine: %w", err)
 	}
+	for _, name := range c.Wasm.AllowedEngines {
+		if err := engine.Check(name); err != nil {
+			return fmt.Errorf("wasm.allowed_engines: %w", err)
+		}
+	}
+	if len(c.Wasm.AllowedEngines) > 0 && !slices.Contains(c.Wasm.AllowedEngines, c.Wasm.Engine) {
+		return fmt.Errorf("wasm.allowed_engines %q must include wasm.engine %q", c.Wasm.AllowedEngines, c.Wasm.Engine)
+	}
 	if c.Wasm.CacheDir != "" && !filepath.IsAbs(c.Wasm.CacheDir) {
 		return fmt.Errorf("wasm.cache_dir %q must be an absolute path", c.Wasm.CacheDir)
 	}
 	return nil
+}
+
+// Allowed is the list of engines containers may run with: allowed_engines,
+// or the default engine alone.
+func (c *Config) Allowed() []string {
+	if len(c.Wasm.AllowedEngines) == 0 {
+		return []string{c.Wasm.Engine}
+	}
+	return c.Wasm.AllowedEngines
 }
 
 // ResolvedCacheDir is the cache directory for state directory dir, or ""

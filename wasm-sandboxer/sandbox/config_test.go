@@ -13,6 +13,13 @@ import (
 )
 
 func TestConfig(t *testing.T) {
+	// An engine besides wazero, where the build has one (cgo: wasmtime).
+	other := ""
+	for _, n := range engine.Names() {
+		if n != "wazero" {
+			other = n
+		}
+	}
 	tests := []struct {
 		name     string
 		toml     string
@@ -20,8 +27,15 @@ func TestConfig(t *testing.T) {
 		engine   string
 		cacheDir string
 		goRunner bool
+		allowed  []string
+		// needOther: the case needs an engine besides wazero.
+		needOther bool
 	}{
-		{name: "defaults", toml: "", engine: DefaultEngine(), cacheDir: "/state/cache"},
+		{name: "defaults", toml: "", engine: DefaultEngine(), cacheDir: "/state/cache", allowed: []string{DefaultEngine()}},
+		{name: "allowed engines", toml: "[wasm]\nengine = \"wazero\"\nallowed_engines = [\"wazero\"]\n", engine: "wazero", cacheDir: "/state/cache", allowed: []string{"wazero"}},
+		{name: "allowed engines empty", toml: "[wasm]\nengine = \"wazero\"\nallowed_engines = []\n", engine: "wazero", cacheDir: "/state/cache", allowed: []string{"wazero"}},
+		{name: "unknown allowed engine", toml: "[wasm]\nengine = \"wazero\"\nallowed_engines = [\"wazero\", \"v8\"]\n", wantErr: `wasm.allowed_engines: unknown wasm engine "v8"`},
+		{name: "allowed engines without the default", toml: "[wasm]\nengine = \"wazero\"\nallowed_engines = [\"" + other + "\"]\n", wantErr: "must include wasm.engine", needOther: true},
 		{name: "Go runner for wasmtime", toml: "[wasm]\nwasmtime_go_runner = true\n", engine: DefaultEngine(), cacheDir: "/state/cache", goRunner: true},
 		{name: "wazero, cache elsewhere", toml: "[wasm]\nengine = \"wazero\"\ncache_dir = \"/var/cache/wasm\"\n", engine: "wazero", cacheDir: "/var/cache/wasm"},
 		{name: "cache off", toml: "[wasm]\ncache = false\n", engine: DefaultEngine(), cacheDir: ""},
@@ -31,6 +45,9 @@ func TestConfig(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.needOther && other == "" {
+				t.Skip("this build has wazero only")
+			}
 			p := filepath.Join(t.TempDir(), "c.toml")
 			if err := os.WriteFile(p, []byte(tc.toml), 0o644); err != nil {
 				t.Fatal(err)
@@ -55,6 +72,9 @@ func TestConfig(t *testing.T) {
 			}
 			if cfg.Wasm.Engine != tc.engine || cfg.ResolvedCacheDir("/state") != tc.cacheDir {
 				t.Errorf("engine %q cache %q; want %q %q", cfg.Wasm.Engine, cfg.ResolvedCacheDir("/state"), tc.engine, tc.cacheDir)
+			}
+			if tc.allowed != nil && !slices.Equal(cfg.Allowed(), tc.allowed) {
+				t.Errorf("allowed engines %q, want %q", cfg.Allowed(), tc.allowed)
 			}
 			if cfg.Wasm.WasmtimeGoRunner != tc.goRunner {
 				t.Errorf("wasmtime_go_runner %v, want %v", cfg.Wasm.WasmtimeGoRunner, tc.goRunner)

@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -51,6 +52,9 @@ const maxModuleSize = 1 << 30
 type Config struct {
 	// Engine is the default engine.
 	Engine string
+	// AllowedEngines are the engines EngineAnnotation may choose (config
+	// wasm.allowed_engines); empty allows Engine only.
+	AllowedEngines []string
 	// CacheDir holds compiled modules; "" disables the cache (every
 	// process then compiles inside its own cgroup).
 	CacheDir string
@@ -146,12 +150,9 @@ func (rt *Runtime) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ 
 	if err != nil {
 		return nil, err
 	}
-	name := rt.cfg.Engine
-	if a := spec.Annotations[EngineAnnotation]; a != "" {
-		name = a
-	}
-	if err := engine.Check(name); err != nil {
-		return nil, fmt.Errorf("annotation %s: %v: %w", EngineAnnotation, err, errdefs.ErrInvalidArgument)
+	name, err := rt.engineFor(spec)
+	if err != nil {
+		return nil, err
 	}
 	if spec.Process.Terminal {
 		return nil, errTerminal
@@ -193,6 +194,29 @@ func (rt *Runtime) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ 
 		return nil, err
 	}
 	return c, nil
+}
+
+// engineFor is the engine of a container: the default, or the one
+// EngineAnnotation names. The annotation comes from the pod spec, which is
+// not trusted: an engine this build lacks is InvalidArgument, one the
+// operator did not allow PermissionDenied.
+func (rt *Runtime) engineFor(spec *specs.Spec) (string, error) {
+	name := rt.cfg.Engine
+	if a := spec.Annotations[EngineAnnotation]; a != "" {
+		name = a
+	}
+	if err := engine.Check(name); err != nil {
+		return "", fmt.Errorf("annotation %s: %v: %w", EngineAnnotation, err, errdefs.ErrInvalidArgument)
+	}
+	allowed := rt.cfg.AllowedEngines
+	if len(allowed) == 0 {
+		allowed = []string{rt.cfg.Engine}
+	}
+	if !slices.Contains(allowed, name) {
+		return "", fmt.Errorf("annotation %s asks for the %s engine, which the operator did not allow (wasm.allowed_engines: %s): %w",
+			EngineAnnotation, name, strings.Join(allowed, ", "), errdefs.ErrPermissionDenied)
+	}
+	return name, nil
 }
 
 func readSpec(bundle string) (*specs.Spec, error) {

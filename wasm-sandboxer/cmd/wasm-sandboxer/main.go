@@ -24,8 +24,9 @@ func main() {
 	cfg := sandbox.DefaultConfig()
 	hostpod.Main("wasm-sandboxer", cfg, func(base *daemon.Base) (task.Runtime, error) {
 		return wasmrt.New(wasmrt.Config{
-			Engine:   cfg.Wasm.Engine,
-			CacheDir: cfg.ResolvedCacheDir(base.Flags.Dir),
+			Engine:         cfg.Wasm.Engine,
+			AllowedEngines: cfg.Allowed(),
+			CacheDir:       cfg.ResolvedCacheDir(base.Flags.Dir),
 			// containerd's gRPC socket beside its ttrpc one, for the
 			// content store (wasm OCI artifacts).
 			ContainerdAddress: strings.TrimSuffix(base.Flags.ContainerdAddress, ".ttrpc"),
