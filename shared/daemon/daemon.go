@@ -141,7 +141,7 @@ func (b *Base) Serve(ctrl *controller.Server, registerTasks func(*ttrpc.Server))
 	)
 	errc := make(chan error, 2)
 	if registerTasks != nil {
-		if ttrpcSrv, err = ttrpc.NewServer(); err != nil {
+		if ttrpcSrv, err = ttrpc.NewServer(RecoverTTRPC(b.Log)); err != nil {
 			return err
 		}
 		registerTasks(ttrpcSrv)
@@ -161,7 +161,7 @@ func (b *Base) Serve(ctrl *controller.Server, registerTasks func(*ttrpc.Server))
 		}
 		return fmt.Errorf("controller socket: %w", err)
 	}
-	grpcSrv := grpc.NewServer()
+	grpcSrv := grpc.NewServer(RecoverGRPC(b.Log))
 	sandboxapi.RegisterControllerServer(grpcSrv, ctrl)
 	go func() { errc <- grpcSrv.Serve(ctrlL) }()
 

@@ -22,6 +22,7 @@ import (
 	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
 	"github.com/kuasar-go/kuasar-go/shared/cgroup"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
+	"github.com/kuasar-go/kuasar-go/shared/events"
 	"github.com/kuasar-go/kuasar-go/shared/proc"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/agentclient"
@@ -62,9 +63,26 @@ type state struct {
 	// AgentCID is the guest's vsock CID when the agent is reached over
 	// vsock, 0 for the virtio-serial port.
 	AgentCID uint32 `json:"agent_cid,omitempty"`
+	// SplitShare: the host mounts in mountsDir, of which the share is a
+	// read-only copy (see makeShare). Pods of earlier versions mounted in
+	// the share itself.
+	SplitShare bool `json:"split_share,omitempty"`
 }
 
-func (st *state) shareDir() string   { return filepath.Join(st.VMDir, "share") }
+// shareDir is what virtiofsd serves to the guest.
+func (st *state) shareDir() string { return filepath.Join(st.VMDir, "share") }
+
+// mountsDir is where the host mounts what the guest sees in the share.
+func (st *state) mountsDir() string { return filepath.Join(st.VMDir, "mounts") }
+
+// hostShare is the share as the pod's task service sees it.
+func (st *state) hostShare() agentclient.Share {
+	if !st.SplitShare {
+		return agentclient.Share{HostDir: st.shareDir(), GuestDir: guestShareDir}
+	}
+	return agentclient.Share{HostDir: st.mountsDir(), GuestDir: guestShareDir}
+}
+
 func (st *state) taskSocket() string { return filepath.Join(st.VMDir, "task.sock") }
 
 // taskBackendSocket is where the daemon serves the pod's task API, behind
@@ -95,7 +113,7 @@ type TaskProxy interface {
 type Family struct {
 	cfg    *Config
 	dir    string // --dir
-	events vmtask.Publisher
+	events *events.Forwarder
 	proxy  TaskProxy
 	fds    vmtask.FDKeeper
 	log    *zap.Logger
@@ -113,7 +131,7 @@ var _ controller.Sandboxer = (*Family)(nil)
 // New returns the family; dir is the daemon's state directory.
 // proxy and fds are the keeper's: it serves the pods' task addresses and
 // holds their containers' output FIFOs open while the daemon restarts.
-func New(cfg *Config, dir string, events vmtask.Publisher, proxy TaskProxy, fds vmtask.FDKeeper, log *zap.Logger) *Family {
+func New(cfg *Config, dir string, events *events.Forwarder, proxy TaskProxy, fds vmtask.FDKeeper, log *zap.Logger) *Family {
 	return &Family{cfg: cfg, dir: dir, events: events, proxy: proxy, fds: fds, log: log, pods: map[string]*pod{}}
 }
 
@@ -202,12 +220,10 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 			f.release(context.Background(), sb, st, p)
 		}
 	}()
-	if err := os.MkdirAll(st.shareDir(), 0o700); err != nil {
+	if err := makeShare(st.mountsDir(), st.shareDir()); err != nil {
 		return nil, err
 	}
-	if err := shareMount(st.shareDir()); err != nil {
-		return nil, err
-	}
+	st.SplitShare = true
 	cg, err := cgroup.New(vmCgroup(st, sb.ID))
 	if err != nil {
 		return nil, err
@@ -283,8 +299,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 		return nil, fmt.Errorf("set the guest up: %w%s", err, consoleTail(vmCfg.ConsoleLog()))
 	}
 
-	share := agentclient.Share{HostDir: st.shareDir(), GuestDir: guestShareDir}
-	p.tasks = vmtask.New(sb.ID, p.agent, share, st.recordDir(), f.events, f.fds, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
+	p.tasks = vmtask.New(sb.ID, p.agent, st.hostShare(), st.recordDir(), f.events.ForSandbox(sb.ID), f.fds, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
 	if err := f.serveTasks(ctx, p, st); err != nil {
 		return nil, err
 	}
@@ -380,16 +395,42 @@ func (f *Family) setupGuest(ctx context.Context, agent *agentclient.Client, st s
 	return err
 }
 
-// shareMount makes dir a mount point of its own with shared propagation,
-// so that what the task service mounts below it later (containers' root
-// file systems) reaches virtiofsd's mount namespace, a slave of it.
-func shareMount(dir string) error {
-	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("share %s: %w", dir, err)
+// makeShare makes the pod's share as two views of one tree: mounts, where
+// the host mounts the containers' root file systems and volumes, and
+// share, what virtiofsd serves to the guest: a read-only copy that receives
+// those mounts (a slave of mounts). The guest writes inside the mounts as
+// their own flags allow, but never in the directories around them, where a
+// link it planted would turn a later mount of the host's into one over a
+// host path (Kata Containers' CVE-2020-2026). virtiofsd's own mount
+// namespace receives the mounts too: its copy of share is a slave as well.
+func makeShare(mounts, share string) (retErr error) {
+	for _, d := range []string{mounts, share} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
 	}
-	if err := unix.Mount("", dir, "", unix.MS_SHARED, ""); err != nil {
-		_ = unix.Unmount(dir, unix.MNT_DETACH)
-		return fmt.Errorf("share %s: make shared: %w", dir, err)
+	undo := func(dir string) {
+		if retErr != nil {
+			_ = unix.Unmount(dir, unix.MNT_DETACH)
+		}
+	}
+	// A mount point of its own, shared, so that share can follow it.
+	if err := unix.Mount(mounts, mounts, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("share %s: %w", mounts, err)
+	}
+	defer undo(mounts)
+	if err := unix.Mount("", mounts, "", unix.MS_SHARED, ""); err != nil {
+		return fmt.Errorf("share %s: make shared: %w", mounts, err)
+	}
+	if err := unix.Mount(mounts, share, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("share %s: %w", share, err)
+	}
+	defer undo(share)
+	if err := unix.Mount("", share, "", unix.MS_SLAVE, ""); err != nil {
+		return fmt.Errorf("share %s: make a slave of %s: %w", share, mounts, err)
+	}
+	if err := unix.Mount("", share, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
+		return fmt.Errorf("share %s: make read-only: %w", share, err)
 	}
 	return nil
 }
@@ -471,9 +512,14 @@ func (f *Family) release(ctx context.Context, sb *store.Sandbox, st state, p *po
 		errs = append(errs, podnet.Teardown(ctx, sb.NetnsPath))
 	}
 	if st.VMDir != "" {
-		errs = append(errs, unmountAll(st.shareDir()))
-		if err := os.RemoveAll(st.VMDir); err != nil {
-			errs = append(errs, err)
+		// Nothing may be mounted below the directory RemoveAll empties:
+		// a container's rootfs would go with it.
+		uerr := errors.Join(unmountAll(st.shareDir()), unmountAll(st.mountsDir()))
+		errs = append(errs, uerr)
+		if uerr == nil {
+			if err := os.RemoveAll(st.VMDir); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if st.PodCgroup != "" {

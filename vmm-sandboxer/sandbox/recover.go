@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/shared/controller"
+	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/unixsock"
@@ -64,8 +65,7 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (_ <-chan contr
 	if p.agent, err = agentclient.Dial(actx, p.dialer); err != nil {
 		return nil, fmt.Errorf("reconnect to the agent: %w", err)
 	}
-	share := agentclient.Share{HostDir: st.shareDir(), GuestDir: guestShareDir}
-	p.tasks = vmtask.New(sb.ID, p.agent, share, st.recordDir(), f.events, f.fds, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
+	p.tasks = vmtask.New(sb.ID, p.agent, st.hostShare(), st.recordDir(), f.events.ForSandbox(sb.ID), f.fds, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
 	if err := p.tasks.Restore(actx); err != nil {
 		f.log.Warn("some containers could not be restored", zap.String("sandbox", sb.ID), zap.Error(err))
 	}
@@ -83,7 +83,7 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (_ <-chan contr
 // keeper serve the address containerd dials (again, after a restart).
 func (f *Family) serveTasks(ctx context.Context, p *pod, st state) error {
 	var err error
-	if p.taskSrv, err = ttrpc.NewServer(); err != nil {
+	if p.taskSrv, err = ttrpc.NewServer(daemon.RecoverTTRPC(f.log)); err != nil {
 		return err
 	}
 	p.tasks.Register(p.taskSrv)

@@ -39,7 +39,7 @@ func FuzzGuestSpec(f *testing.F) {
 		before, _ := json.Marshal(&host)
 		n := 0
 		var exposedSrc []string
-		g, err := guestSpec(&host, id, func(src string, ro bool) (string, error) {
+		g, err := guestSpec(&host, id, func(src string, _ []string) (string, error) {
 			name := exposedName(n, src)
 			n++
 			if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") {

@@ -26,15 +26,17 @@ import (
 // record is what the host keeps of a container so that a restarted daemon
 // can serve it again; the guest keeps the rest (status, PID, exit).
 type record struct {
-	ID        string   `json:"id"`
-	Bundle    string   `json:"bundle"`
-	Namespace string   `json:"namespace"`
-	Mounts    []string `json:"mounts"`
-	Stdin     string   `json:"stdin,omitempty"`
-	Stdout    string   `json:"stdout,omitempty"`
-	Stderr    string   `json:"stderr,omitempty"`
-	Terminal  bool     `json:"terminal,omitempty"`
-	Pid       uint32   `json:"pid"`
+	ID        string `json:"id"`
+	Bundle    string `json:"bundle"`
+	Namespace string `json:"namespace"`
+	// Mounts names the mount points in the container's directory in the
+	// share (records of earlier versions hold their absolute paths).
+	Mounts   []string `json:"mounts"`
+	Stdin    string   `json:"stdin,omitempty"`
+	Stdout   string   `json:"stdout,omitempty"`
+	Stderr   string   `json:"stderr,omitempty"`
+	Terminal bool     `json:"terminal,omitempty"`
+	Pid      uint32   `json:"pid"`
 }
 
 func (s *Service) recordPath(id string) string { return filepath.Join(s.recordDir, id+".json") }
@@ -98,7 +100,16 @@ func (s *Service) restoreOne(ctx context.Context, id string) error {
 		return fmt.Errorf("record %s: %v", s.recordPath(id), err)
 	}
 	c := &container{id: r.ID, bundle: r.Bundle, namespace: r.Namespace, dir: filepath.Join(s.share.HostDir, r.ID),
-		mounts: r.Mounts, execs: map[string]*process{}}
+		execs: map[string]*process{}}
+	for _, m := range r.Mounts {
+		if filepath.IsAbs(m) {
+			m, _ = filepath.Rel(c.dir, m)
+		}
+		if !filepath.IsLocal(m) || strings.ContainsRune(m, '/') {
+			return fmt.Errorf("record %s: mount point %q is not in the container's directory", s.recordPath(id), m)
+		}
+		c.mounts = append(c.mounts, m)
+	}
 	st, err := s.agent.ProcessState(ctx, &vmmtask.ProcessStateRequest{ContainerId: id})
 	if errdefs.IsNotFound(errgrpc.ToNative(err)) {
 		s.log.Info("container gone from the guest; releasing it", zap.String("container", id))

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -37,6 +38,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
+	"github.com/kuasar-go/kuasar-go/shared/safemount"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 	"github.com/kuasar-go/kuasar-go/shared/validate"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/agentclient"
@@ -80,10 +82,11 @@ type Service struct {
 
 type container struct {
 	id, bundle, namespace string
-	// dir is the container's directory in the share: the rootfs mount and
-	// the exposed host paths.
-	dir    string
-	mounts []string // host mount points under dir, in mount order
+	// dir is the container's directory in the share (Share.HostDir/<id>):
+	// the rootfs mount and the exposed host paths.
+	dir string
+	// mounts names the mount points in dir, in mount order.
+	mounts []string
 	init   *process
 	execs  map[string]*process
 }
@@ -225,48 +228,86 @@ func (s *Service) getProcess(id, execID string) (*container, *process, error) {
 	return c, p, nil
 }
 
+// processes lists the container's processes; an exec whose ID is only
+// reserved (nil, while Exec works) is not one yet.
 func (c *container) processes() []*process {
 	ps := []*process{c.init}
 	for _, p := range c.execs {
-		ps = append(ps, p)
+		if p != nil {
+			ps = append(ps, p)
+		}
 	}
 	return ps
 }
 
-// expose bind-mounts host path src into the container's share directory
-// and returns its guest path.
-func (s *Service) exposer(c *container) exposeFunc {
-	return func(src string, readonly bool) (string, error) {
-		dst := filepath.Join(c.dir, exposedName(len(c.mounts), src))
-		if err := mountTarget(src, dst); err != nil {
+// exposer returns the function that bind-mounts host paths into the
+// container's directory in the share, cdir, and gives their guest paths.
+// The guest can write in the share, so everything there is reached through
+// file descriptors that refuse symlinks (package safemount).
+func (s *Service) exposer(c *container, cdir *os.File) exposeFunc {
+	return func(src string, options []string) (string, error) {
+		st, err := os.Stat(src)
+		if err != nil {
+			return "", fmt.Errorf("bind source: %w", err)
+		}
+		name := exposedName(len(c.mounts), src)
+		target, err := safemount.Target(cdir, name, st.IsDir())
+		if err != nil {
 			return "", err
 		}
-		flags := uintptr(unix.MS_BIND | unix.MS_REC)
-		if err := unix.Mount(src, dst, "", flags, ""); err != nil {
+		defer target.Close()
+		c.mounts = append(c.mounts, name)
+		recursive, attr := safemount.BindOptions(options)
+		// What the spec asks for, read-only above all, holds for the
+		// whole tree from the start; nosuid and nodev keep what the guest
+		// writes there harmless to the host, and the guest does not see
+		// them (virtiofsd reports modes as they are; the guest's own
+		// mount decides for the guest).
+		if err := safemount.Bind(src, target, recursive, attr|safemount.NoSuid|safemount.NoDev); err != nil {
 			return "", fmt.Errorf("bind %s into the share: %w", src, err)
 		}
-		c.mounts = append(c.mounts, dst)
-		if readonly {
-			if err := unix.Mount("", dst, "", flags|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
-				return "", fmt.Errorf("make %s read-only: %w", dst, err)
-			}
-		}
-		return s.share.GuestPath(dst)
+		return s.share.GuestPath(filepath.Join(c.dir, name))
 	}
 }
 
 // releaseHost unmounts what the container mounted in the share and
-// removes its directory there.
+// removes its directory there, never following a link the guest planted.
+// What cannot be unmounted stays, with its directory.
 func (s *Service) releaseHost(c *container) {
+	root, err := safemount.OpenDir(s.share.HostDir)
+	if err != nil {
+		s.log.Warn("release container directory", zap.String("container", c.id), zap.Error(err))
+		return
+	}
+	defer root.Close()
+	mounted := false
 	for i := len(c.mounts) - 1; i >= 0; i-- {
-		if err := mount.UnmountAll(c.mounts[i], unix.MNT_DETACH); err != nil {
-			s.log.Warn("unmount", zap.String("path", c.mounts[i]), zap.Error(err))
+		if err := safemount.Unmount(root, filepath.Join(c.id, c.mounts[i])); err != nil {
+			s.log.Warn("unmount", zap.String("container", c.id), zap.String("mount", c.mounts[i]), zap.Error(err))
+			mounted = true
 		}
 	}
-	c.mounts = nil
-	if err := os.RemoveAll(c.dir); err != nil {
-		s.log.Warn("remove container directory", zap.String("path", c.dir), zap.Error(err))
+	if mounted {
+		return
 	}
+	cdir, err := safemount.OpenBeneath(root, c.id, unix.O_PATH|unix.O_DIRECTORY)
+	if errors.Is(err, unix.ENOENT) {
+		c.mounts = nil
+		return
+	}
+	if err == nil {
+		for _, name := range c.mounts {
+			if err := safemount.Remove(cdir, name); err != nil {
+				s.log.Warn("remove mount point", zap.String("container", c.id), zap.Error(err))
+			}
+		}
+		cdir.Close()
+		err = safemount.Remove(root, c.id)
+	}
+	if err != nil {
+		s.log.Warn("remove container directory", zap.String("container", c.id), zap.Error(err))
+	}
+	c.mounts = nil
 }
 
 // Create mounts the container's rootfs in the share, exposes its bind
@@ -313,32 +354,30 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			s.mu.Unlock()
 		}
 	}()
-	if err := os.MkdirAll(c.dir, 0o700); err != nil {
-		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
-	}
-	hostRoot := filepath.Join(c.dir, "rootfs")
-	if err := os.Mkdir(hostRoot, 0o755); err != nil {
-		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
-	}
-	if len(r.Rootfs) > 0 {
-		if err := mount.All(mount.FromProto(r.Rootfs), hostRoot); err != nil {
-			return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: mount rootfs: %v: %w", r.ID, err, errdefs.ErrInvalidArgument))
-		}
-	} else {
-		// containerd prepared the rootfs in the bundle itself.
-		src := spec.Root.Path
-		if !filepath.IsAbs(src) {
-			src = filepath.Join(r.Bundle, src)
-		}
-		if err := unix.Mount(src, hostRoot, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-			return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: bind rootfs %s: %v: %w", r.ID, src, err, errdefs.ErrInvalidArgument))
-		}
-	}
-	c.mounts = append(c.mounts, hostRoot)
-	gspec, err := guestSpec(spec, r.ID, s.exposer(c))
+	root, err := safemount.OpenDir(s.share.HostDir)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
 	}
+	defer root.Close()
+	cdir, err := safemount.Mkdir(root, r.ID, 0o700)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
+	defer cdir.Close()
+	rootfs, err := safemount.Target(cdir, "rootfs", true)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
+	defer rootfs.Close()
+	c.mounts = append(c.mounts, "rootfs")
+	if err := mountRootfs(r, spec, rootfs); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
+	gspec, err := guestSpec(spec, r.ID, s.exposer(c, cdir))
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
+	hostRoot := filepath.Join(c.dir, "rootfs")
 	guestRoot, err := s.share.GuestPath(hostRoot)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
@@ -368,6 +407,32 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	})
 	s.log.Debug("container created", zap.String("container", r.ID), zap.Uint32("guest_pid", p.pid))
 	return &taskAPI.CreateTaskResponse{Pid: p.pid}, nil
+}
+
+// mountRootfs mounts the container's root file system on target, an
+// open directory in the share: containerd's mounts, or the bundle's rootfs
+// when containerd prepared it there. nosuid and nodev for the host's sake,
+// as for the exposed paths.
+func mountRootfs(r *taskAPI.CreateTaskRequest, spec *specs.Spec, target *os.File) error {
+	if len(r.Rootfs) > 0 {
+		ms := mount.FromProto(r.Rootfs)
+		for i := range ms {
+			ms[i].Options = append(slices.Clip(ms[i].Options), "nosuid", "nodev")
+		}
+		// Through the descriptor: the kernel follows only its magic link.
+		if err := mount.All(ms, safemount.ProcPath(target)); err != nil {
+			return fmt.Errorf("mount rootfs: %v: %w", err, errdefs.ErrInvalidArgument)
+		}
+		return nil
+	}
+	src := spec.Root.Path
+	if !filepath.IsAbs(src) {
+		src = filepath.Join(r.Bundle, src)
+	}
+	if err := safemount.Bind(src, target, true, safemount.NoSuid|safemount.NoDev); err != nil {
+		return fmt.Errorf("bind rootfs %s: %v: %w", src, err, errdefs.ErrInvalidArgument)
+	}
+	return nil
 }
 
 // Start starts a container's init or an exec'd process and watches for
@@ -416,10 +481,7 @@ func (s *Service) waitExit(c *container, p *process) {
 	s.closeIO(c, p)
 	if p == c.init {
 		s.mu.Lock()
-		execs := make([]*process, 0, len(c.execs))
-		for _, e := range c.execs {
-			execs = append(execs, e)
-		}
+		execs := c.processes()[1:]
 		s.mu.Unlock()
 		for _, e := range execs {
 			e.mu.Lock()
@@ -480,7 +542,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	if r.ExecID == "" {
 		s.mu.Lock()
 		running := 0
-		for _, e := range c.execs {
+		for _, e := range c.processes()[1:] {
 			e.mu.Lock()
 			if e.status == statusRunning {
 				running++
@@ -552,7 +614,9 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (_ *e
 		s.mu.Unlock()
 		return nil, errgrpc.ToGRPCf(errdefs.ErrAlreadyExists, "exec %s in container %s", r.ExecID, r.ID)
 	}
-	c.execs[r.ExecID] = p
+	// Reserved: the process is found only once it has its agent handle,
+	// so that a concurrent Start or Kill cannot reach a half-made one.
+	c.execs[r.ExecID] = nil
 	s.mu.Unlock()
 	defer func() {
 		if retErr != nil {
@@ -572,6 +636,9 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (_ *e
 		return nil, agentErr(err)
 	}
 	p.ap = ap
+	s.mu.Lock()
+	c.execs[r.ExecID] = p
+	s.mu.Unlock()
 	s.publish(c.namespace, runtime.TaskExecAddedEventTopic, &eventstypes.TaskExecAdded{ContainerID: c.id, ExecID: r.ExecID})
 	return empty, nil
 }

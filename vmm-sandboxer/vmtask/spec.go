@@ -2,7 +2,6 @@ package vmtask
 
 import (
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -11,9 +10,9 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
-// exposeFunc makes the host path src visible in the share and returns its
-// guest path.
-type exposeFunc func(src string, readonly bool) (string, error)
+// exposeFunc makes the host path src visible in the share, bound with the
+// mount's options (rbind, ro, nosuid...), and returns its guest path.
+type exposeFunc func(src string, options []string) (string, error)
 
 // guestSpec adjusts a container's OCI spec, written by containerd for the
 // host, to run in the pod's VM:
@@ -49,7 +48,7 @@ func guestSpec(spec *specs.Spec, containerID string, expose exposeFunc) (*specs.
 		if !filepath.IsAbs(m.Source) {
 			return nil, fmt.Errorf("mount %s: bind source %q is not an absolute path: %w", m.Destination, m.Source, errdefs.ErrInvalidArgument)
 		}
-		src, err := expose(m.Source, slices.Contains(m.Options, "ro"))
+		src, err := expose(m.Source, m.Options)
 		if err != nil {
 			return nil, fmt.Errorf("mount %s: %w", m.Destination, err)
 		}
@@ -86,21 +85,4 @@ func exposedName(n int, src string) string {
 		return r
 	}, filepath.Base(src))
 	return fmt.Sprintf("m%d-%s", n, base)
-}
-
-// mountTarget makes an empty file or directory at dst, of the kind src is,
-// for a bind mount of src.
-func mountTarget(src, dst string) error {
-	st, err := os.Stat(src)
-	if err != nil {
-		return fmt.Errorf("bind source: %w", err)
-	}
-	if st.IsDir() {
-		return os.MkdirAll(dst, 0o755)
-	}
-	f, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY, 0o644)
-	if err != nil {
-		return err
-	}
-	return f.Close()
 }

@@ -32,18 +32,18 @@ func TestGuestSpec(t *testing.T) {
 		},
 	}
 	type exposed struct {
-		src string
-		ro  bool
+		src     string
+		options []string
 	}
 	var got []exposed
-	g, err := guestSpec(host, "c1", func(src string, ro bool) (string, error) {
-		got = append(got, exposed{src, ro})
+	g, err := guestSpec(host, "c1", func(src string, options []string) (string, error) {
+		got = append(got, exposed{src, options})
 		return "/run/kuasar/shared/c1/" + src[len(src)-4:], nil
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []exposed{{"/var/lib/cri/sandboxes/p/hosts", false}, {"/var/lib/kubelet/pods/v", true}}; !reflect.DeepEqual(got, want) {
+	if want := []exposed{{"/var/lib/cri/sandboxes/p/hosts", []string{"rbind", "rprivate", "rw"}}, {"/var/lib/kubelet/pods/v", []string{"rbind", "ro"}}}; !reflect.DeepEqual(got, want) {
 		t.Errorf("exposed %v, want %v", got, want)
 	}
 	wantMounts := []specs.Mount{
@@ -81,7 +81,7 @@ func TestGuestSpecErrors(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			spec := &specs.Spec{Process: &specs.Process{}, Root: &specs.Root{Path: "rootfs"}, Mounts: []specs.Mount{c.mount}}
-			_, err := guestSpec(spec, "c1", func(string, bool) (string, error) { return "/g", c.expose })
+			_, err := guestSpec(spec, "c1", func(string, []string) (string, error) { return "/g", c.expose })
 			if err == nil {
 				t.Fatal("no error")
 			}
