@@ -1,12 +1,17 @@
 // Package events forwards task events to containerd's ttrpc events service
 // (containerd.services.events.ttrpc.v1.Events/Forward), as a shim would,
-// without blocking the caller: events queue and are sent in order, with
-// retries while containerd is away.
+// without blocking the caller. Every event goes through one queue, in the
+// order it was published; while containerd is away, events are retried.
+//
+// Each sandbox publishes through its own SandboxPublisher. A task's exit,
+// and the delete that follows it, are never dropped: containerd's clients
+// learn of exits from them. Other events (OOM, create, start, exec...) are
+// rate limited per sandbox, so that a pod, or a VM guest that reports
+// events, cannot flood the queue the other pods' exits wait in.
 package events
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"sync"
@@ -15,162 +20,337 @@ import (
 	eventsapi "github.com/containerd/containerd/api/services/ttrpc/events/v1"
 	"github.com/containerd/containerd/api/types"
 	cevents "github.com/containerd/containerd/v2/core/events"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/core/runtime"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
 	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 const (
-	queueSize   = 4096
-	maxAttempts = 5
+	// DefaultRetryFor is how long an event is retried while containerd is
+	// away: a restart or an upgrade of containerd takes less.
+	DefaultRetryFor = 5 * time.Minute
+	// DefaultRate and DefaultBurst limit a sandbox's droppable events: far
+	// above what its containers' starts, execs and OOM kills make.
+	DefaultRate  = 20
+	DefaultBurst = 100
+
 	dialTimeout = 2 * time.Second
+	callTimeout = 5 * time.Second
+	minBackoff  = 50 * time.Millisecond
+	// maxBackoff bounds how late an event arrives once containerd is back.
+	maxBackoff = time.Second
+	// sweepEvery is how often idle sandboxes are forgotten.
+	sweepEvery = time.Minute
+	// logDropsEvery bounds the log lines of a sandbox over its rate.
+	logDropsEvery = time.Minute
 )
+
+// mustDeliver are the topics never dropped for a rate: containerd's
+// clients (and CRI's recovery) need each exit, and its delete after it.
+var mustDeliver = map[string]bool{
+	runtime.TaskExitEventTopic:   true,
+	runtime.TaskDeleteEventTopic: true,
+}
+
+// Option configures a Forwarder.
+type Option func(*options)
+
+type options struct {
+	retryFor time.Duration
+	rate     float64
+	burst    int
+}
+
+// WithRetryFor retries an event for d after it was published
+// (DefaultRetryFor). While containerd stays away longer, the events older
+// than d are dropped, and counted in the log.
+func WithRetryFor(d time.Duration) Option { return func(o *options) { o.retryFor = d } }
+
+// WithRateLimit lets each sandbox publish its droppable events at rate per
+// second, and burst at once (DefaultRate, DefaultBurst). burst is also the
+// most of them held for a sandbox while containerd is away.
+func WithRateLimit(rate float64, burst int) Option {
+	return func(o *options) { o.rate, o.burst = rate, max(burst, 1) }
+}
 
 type item struct {
 	env      *types.Envelope
-	attempts int
+	deadline time.Time
+	sb       *sandbox // of a droppable event, else nil
+}
+
+// sandbox is a sandbox's token bucket for droppable events.
+type sandbox struct {
+	tokens float64
+	last   time.Time // of the last refill
+	queued int       // droppable events queued or being sent
+	// dropped counts the events over the rate; logged up to logged.
+	dropped, logged uint64
+	loggedAt        time.Time
 }
 
 // Forwarder sends events to one containerd.
 type Forwarder struct {
 	address string
 	log     *zap.Logger
-	queue   chan *item
-	done    chan struct{}
-	stopped chan struct{} // closed when the sender has returned
-	once    sync.Once
+	opts    options
+	// ctx ends with Close, and with it dials, sends and waits.
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wake    chan struct{} // the queue has events
+	stopped chan struct{} // the sender has returned
 
-	mu     sync.Mutex
+	mu        sync.Mutex
+	queue     []*item
+	sandboxes map[string]*sandbox
+	swept     time.Time
+
+	// The sender's own.
 	client *ttrpc.Client
+	outage time.Time // since when containerd is unreachable; zero while it is
+	lost   int       // events dropped for age in this outage
 }
 
 // NewForwarder returns a forwarder to the ttrpc socket at address and starts
 // its sender. Close stops it.
-func NewForwarder(address string, log *zap.Logger) *Forwarder {
-	f := &Forwarder{address: address, log: log, queue: make(chan *item, queueSize), done: make(chan struct{}), stopped: make(chan struct{})}
+func NewForwarder(address string, log *zap.Logger, opts ...Option) *Forwarder {
+	o := options{retryFor: DefaultRetryFor, rate: DefaultRate, burst: DefaultBurst}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	f := &Forwarder{
+		address: address, log: log, opts: o, ctx: ctx, cancel: cancel,
+		wake: make(chan struct{}, 1), stopped: make(chan struct{}),
+		sandboxes: map[string]*sandbox{}, swept: time.Now(),
+	}
 	go f.run()
 	return f
 }
 
-// Publish queues event for the namespace carried by ctx. It implements
-// containerd's events.Publisher.
-func (f *Forwarder) Publish(ctx context.Context, topic string, event cevents.Event) error {
-	ns, err := namespaces.NamespaceRequired(ctx)
-	if err != nil {
-		return err
-	}
-	return f.PublishNamespace(ns, topic, event)
+// SandboxPublisher publishes the task events of one sandbox.
+type SandboxPublisher struct {
+	f  *Forwarder
+	id string
 }
 
-// PublishNamespace queues event for namespace ns.
-func (f *Forwarder) PublishNamespace(ns, topic string, event cevents.Event) error {
+// ForSandbox returns the publisher of sandbox id's events. Publishers of
+// the same id share its rate.
+func (f *Forwarder) ForSandbox(id string) *SandboxPublisher {
+	return &SandboxPublisher{f: f, id: id}
+}
+
+// PublishNamespace queues event for namespace ns. An event over the
+// sandbox's rate is dropped, and logged by the forwarder, not returned as
+// an error: the caller could do nothing but log it once more per event.
+func (p *SandboxPublisher) PublishNamespace(ns, topic string, event cevents.Event) error {
 	a, err := typeurl.MarshalAnyToProto(event)
 	if err != nil {
 		return fmt.Errorf("encode %s event: %w", topic, err)
 	}
-	env := &types.Envelope{Timestamp: timestamppb.Now(), Namespace: ns, Topic: topic, Event: a}
+	now := time.Now()
+	it := &item{
+		env:      &types.Envelope{Timestamp: timestamppb.New(now), Namespace: ns, Topic: topic, Event: a},
+		deadline: now.Add(p.f.opts.retryFor),
+	}
+	f := p.f
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.ctx.Err() != nil {
+		return fmt.Errorf("event forwarder closed: %w", errdefs.ErrUnavailable)
+	}
+	if now.Sub(f.swept) >= sweepEvery {
+		f.sweep(now)
+	}
+	if !mustDeliver[topic] {
+		sb := f.sandboxes[p.id]
+		if sb == nil {
+			sb = &sandbox{tokens: float64(f.opts.burst), last: now}
+			f.sandboxes[p.id] = sb
+		}
+		sb.refill(now, f.opts)
+		if sb.tokens < 1 || sb.queued >= f.opts.burst {
+			sb.dropped++
+			if now.Sub(sb.loggedAt) >= logDropsEvery {
+				f.logDrops(p.id, sb, now)
+			}
+			return nil
+		}
+		sb.tokens--
+		sb.queued++
+		it.sb = sb
+	}
+	f.queue = append(f.queue, it)
 	select {
-	case f.queue <- &item{env: env}:
-		return nil
-	case <-f.done:
-		return errors.New("event forwarder closed")
+	case f.wake <- struct{}{}:
 	default:
-		return fmt.Errorf("event queue full, dropping %s", topic)
+	}
+	return nil
+}
+
+func (sb *sandbox) refill(now time.Time, o options) {
+	sb.tokens = min(float64(o.burst), sb.tokens+now.Sub(sb.last).Seconds()*o.rate)
+	sb.last = now
+}
+
+func (f *Forwarder) logDrops(id string, sb *sandbox, now time.Time) {
+	f.log.Warn("dropping task events of a sandbox over its rate",
+		zap.String("sandbox", id), zap.Uint64("dropped", sb.dropped-sb.logged),
+		zap.Float64("per_second", f.opts.rate), zap.Int("burst", f.opts.burst))
+	sb.logged, sb.loggedAt = sb.dropped, now
+}
+
+// sweep forgets the sandboxes whose bucket is full again and that have no
+// event queued: a new bucket is the same. Called with f.mu held.
+func (f *Forwarder) sweep(now time.Time) {
+	f.swept = now
+	for id, sb := range f.sandboxes {
+		sb.refill(now, f.opts)
+		if sb.queued > 0 || sb.tokens < float64(f.opts.burst) {
+			continue
+		}
+		if sb.dropped > sb.logged {
+			f.logDrops(id, sb, now)
+		}
+		delete(f.sandboxes, id)
 	}
 }
 
 // Close stops sending and returns once the sender has; queued events
 // that were not sent are dropped.
 func (f *Forwarder) Close() error {
-	f.once.Do(func() { close(f.done) })
-	f.mu.Lock()
-	var err error
-	if f.client != nil {
-		// Ends a send in flight.
-		err = f.client.Close()
-	}
-	f.mu.Unlock()
+	f.cancel()
 	<-f.stopped
-	return err
+	return nil
 }
 
 func (f *Forwarder) run() {
 	defer close(f.stopped)
+	defer func() {
+		if f.client != nil {
+			f.client.Close()
+		}
+	}()
 	for {
-		select {
-		case <-f.done:
+		it := f.next()
+		if it == nil {
 			return
-		case it := <-f.queue:
-			f.send(it)
+		}
+		f.deliver(it)
+		if it.sb != nil {
+			f.mu.Lock()
+			it.sb.queued--
+			f.mu.Unlock()
 		}
 	}
 }
 
-// send delivers one event, retrying with backoff; order is kept because
-// containerd expects a task's exit before its delete.
-func (f *Forwarder) send(it *item) {
-	backoff := 50 * time.Millisecond
+// next waits for the oldest queued event; nil once closed.
+func (f *Forwarder) next() *item {
+	for {
+		f.mu.Lock()
+		if len(f.queue) > 0 {
+			it := f.queue[0]
+			f.queue[0] = nil
+			f.queue = f.queue[1:]
+			f.mu.Unlock()
+			return it
+		}
+		f.mu.Unlock()
+		select {
+		case <-f.wake:
+		case <-f.ctx.Done():
+			return nil
+		}
+	}
+}
+
+// deliver sends one event, retrying with capped backoff until its deadline:
+// the next event waits, because containerd expects a task's exit before
+// its delete. An outage is logged when it starts, when it first costs an
+// event and when it ends, not per try.
+func (f *Forwarder) deliver(it *item) {
+	backoff := minBackoff
 	for {
 		err := f.forward(it.env)
-		if err == nil {
-			return
-		}
-		select {
-		case <-f.done:
+		if f.ctx.Err() != nil {
 			return // closed while sending: not a failure to report
-		default:
 		}
-		it.attempts++
-		if it.attempts >= maxAttempts {
-			f.log.Error("dropping event after retries", zap.String("topic", it.env.Topic), zap.Error(err))
+		if err == nil || rejected(err) {
+			if !f.outage.IsZero() {
+				f.log.Info("containerd's events service is back",
+					zap.Duration("after", time.Since(f.outage).Round(time.Millisecond)), zap.Int("dropped", f.lost))
+				f.outage, f.lost = time.Time{}, 0
+			}
+			if err != nil {
+				// containerd answered: retrying gets the same answer.
+				f.log.Error("containerd refused an event; dropped", zap.String("topic", it.env.Topic),
+					zap.String("namespace", it.env.Namespace), zap.Error(err))
+			}
 			return
 		}
-		f.log.Warn("forward event failed, retrying", zap.String("topic", it.env.Topic), zap.Error(err))
+		if f.outage.IsZero() {
+			f.outage = time.Now()
+			f.log.Warn("cannot forward events to containerd; retrying", zap.String("address", f.address),
+				zap.Duration("retry_for", f.opts.retryFor), zap.Error(err))
+		}
+		if !time.Now().Before(it.deadline) {
+			if f.lost == 0 {
+				f.log.Error("containerd away for longer than events are kept; dropping the oldest",
+					zap.Duration("away", time.Since(f.outage).Round(time.Millisecond)), zap.Error(err))
+			}
+			f.lost++
+			return
+		}
+		t := time.NewTimer(min(backoff, time.Until(it.deadline)))
 		select {
-		case <-f.done:
+		case <-f.ctx.Done():
+			t.Stop()
 			return
-		case <-time.After(backoff):
+		case <-t.C:
 		}
-		backoff *= 2
+		backoff = min(2*backoff, maxBackoff)
 	}
+}
+
+// rejected tells containerd's refusal of an event (an invalid namespace...)
+// from a failure to reach it.
+func rejected(err error) bool {
+	s, ok := status.FromError(err)
+	if !ok {
+		return false
+	}
+	switch s.Code() {
+	case codes.InvalidArgument, codes.FailedPrecondition, codes.NotFound, codes.AlreadyExists,
+		codes.PermissionDenied, codes.Unimplemented, codes.OutOfRange:
+		return true
+	}
+	return false
 }
 
 func (f *Forwarder) forward(env *types.Envelope) error {
-	c, err := f.conn()
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	_, err = eventsapi.NewEventsClient(c).Forward(ctx, &eventsapi.ForwardRequest{Envelope: env})
-	if err != nil {
-		f.mu.Lock()
-		if f.client == c {
-			f.client.Close()
-			f.client = nil
+	if f.client == nil {
+		var d net.Dialer
+		ctx, cancel := context.WithTimeout(f.ctx, dialTimeout)
+		conn, err := d.DialContext(ctx, "unix", f.address)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("connect to containerd events at %s: %w", f.address, err)
 		}
-		f.mu.Unlock()
+		f.client = ttrpc.NewClient(conn)
+	}
+	ctx, cancel := context.WithTimeout(f.ctx, callTimeout)
+	defer cancel()
+	_, err := eventsapi.NewEventsClient(f.client).Forward(ctx, &eventsapi.ForwardRequest{Envelope: env})
+	if err != nil && !rejected(err) {
+		// The next try dials again: containerd may have restarted.
+		f.client.Close()
+		f.client = nil
 	}
 	return err
-}
-
-func (f *Forwarder) conn() (*ttrpc.Client, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.client != nil {
-		return f.client, nil
-	}
-	select {
-	case <-f.done:
-		return nil, errors.New("event forwarder closed")
-	default:
-	}
-	conn, err := net.DialTimeout("unix", f.address, dialTimeout)
-	if err != nil {
-		return nil, fmt.Errorf("connect to containerd events at %s: %w", f.address, err)
-	}
-	f.client = ttrpc.NewClient(conn)
-	return f.client, nil
 }

@@ -51,7 +51,8 @@ func run(name string, cfg daemon.Config, newRuntime NewRuntime) error {
 	if err != nil {
 		return err
 	}
-	tasks, err := task.New(TaskSandboxes{Controller: ctrl}, base.Events, rt, base.Log.Named("task"),
+	publishers := func(id string) task.Publisher { return base.Events.ForSandbox(id) }
+	tasks, err := task.New(TaskSandboxes{Controller: ctrl}, publishers, rt, base.Log.Named("task"),
 		task.WithExits(task.KeeperExits{Spawner: spawner, Log: base.Log.Named("exits")}),
 		task.WithRecords(filepath.Join(base.Flags.Dir, "tasks")))
 	if err != nil {

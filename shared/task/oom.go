@@ -37,7 +37,7 @@ func (s *Service) oomEvent(id string) {
 	if c == nil {
 		return
 	}
-	s.publish(c.namespace, runtime.TaskOOMEventTopic, &eventstypes.TaskOOM{ContainerID: id})
+	s.publish(c.sandboxID, c.namespace, runtime.TaskOOMEventTopic, &eventstypes.TaskOOM{ContainerID: id})
 }
 
 // watchOOM reports OOM kills in the container's cgroup as TaskOOM events.

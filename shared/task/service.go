@@ -56,6 +56,11 @@ type Publisher interface {
 	PublishNamespace(ns, topic string, event cevents.Event) error
 }
 
+// Publishers returns the publisher of a pod's task events: each pod has
+// its own (events.Forwarder.ForSandbox), so that one pod's flood of events
+// cannot crowd out the exits of the others.
+type Publishers func(sandboxID string) Publisher
+
 // containerEntry is a container with the pod it belongs to and the state
 // of its exits.
 type containerEntry struct {
@@ -77,15 +82,15 @@ type processRef struct {
 
 // Service implements taskAPI.TTRPCTaskService.
 type Service struct {
-	sandboxes Sandboxes
-	publisher Publisher
-	runtime   Runtime
-	log       *zap.Logger
-	ctx       context.Context
-	cancel    context.CancelFunc
-	exitSrc   ExitSource
-	recordDir string
-	oom1      oomWatcher
+	sandboxes  Sandboxes
+	publishers Publishers
+	runtime    Runtime
+	log        *zap.Logger
+	ctx        context.Context
+	cancel     context.CancelFunc
+	exitSrc    ExitSource
+	recordDir  string
+	oom1       oomWatcher
 
 	mu         sync.Mutex
 	containers map[string]*containerEntry
@@ -116,16 +121,16 @@ type oomWatcher interface {
 	Close() error
 }
 
-// New returns a task service whose containers rt makes. Unless an exit
-// source is given, the process must already be a child subreaper reaping
-// through containerd's reaper (see package reap). With records, it first
-// restores the containers a previous instance recorded. The service owns
-// rt and closes it.
-func New(sandboxes Sandboxes, publisher Publisher, rt Runtime, log *zap.Logger, opts ...Option) (*Service, error) {
+// New returns a task service whose containers rt makes and whose events
+// go through publishers. Unless an exit source is given, the process must
+// already be a child subreaper reaping through containerd's reaper (see
+// package reap). With records, it first restores the containers a
+// previous instance recorded. The service owns rt and closes it.
+func New(sandboxes Sandboxes, publishers Publishers, rt Runtime, log *zap.Logger, opts ...Option) (*Service, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{
 		sandboxes:  sandboxes,
-		publisher:  publisher,
+		publishers: publishers,
 		runtime:    rt,
 		log:        log,
 		ctx:        ctx,
@@ -173,9 +178,9 @@ func (s *Service) Close() error {
 	return s.runtime.Close()
 }
 
-func (s *Service) publish(ns, topic string, ev cevents.Event) {
-	if err := s.publisher.PublishNamespace(ns, topic, ev); err != nil {
-		s.log.Error("publish event", zap.String("topic", topic), zap.Error(err))
+func (s *Service) publish(sandboxID, ns, topic string, ev cevents.Event) {
+	if err := s.publishers(sandboxID).PublishNamespace(ns, topic, ev); err != nil {
+		s.log.Error("publish event", zap.String("sandbox", sandboxID), zap.String("topic", topic), zap.Error(err))
 	}
 }
 
@@ -299,7 +304,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	s.containers[r.ID] = c
 	s.mu.Unlock()
 
-	s.publish(ns, runtime.TaskCreateEventTopic, &eventstypes.TaskCreate{
+	s.publish(sandboxID, ns, runtime.TaskCreateEventTopic, &eventstypes.TaskCreate{
 		ContainerID: r.ID,
 		Bundle:      r.Bundle,
 		Rootfs:      r.Rootfs,
@@ -389,9 +394,9 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		return nil, errgrpc.ToGRPC(err)
 	}
 	if r.ExecID == "" {
-		s.publish(c.namespace, runtime.TaskStartEventTopic, &eventstypes.TaskStart{ContainerID: c.ID(), Pid: uint32(p.Pid())})
+		s.publish(c.sandboxID, c.namespace, runtime.TaskStartEventTopic, &eventstypes.TaskStart{ContainerID: c.ID(), Pid: uint32(p.Pid())})
 	} else {
-		s.publish(c.namespace, runtime.TaskExecStartedEventTopic, &eventstypes.TaskExecStarted{ContainerID: c.ID(), ExecID: r.ExecID, Pid: uint32(p.Pid())})
+		s.publish(c.sandboxID, c.namespace, runtime.TaskExecStartedEventTopic, &eventstypes.TaskExecStarted{ContainerID: c.ID(), ExecID: r.ExecID, Pid: uint32(p.Pid())})
 	}
 	handleStarted(c, p)
 	s.updateRecord(c)
@@ -419,7 +424,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		delete(s.containers, r.ID)
 		s.mu.Unlock()
 		s.removeRecord(r.ID)
-		s.publish(c.namespace, runtime.TaskDeleteEventTopic, &eventstypes.TaskDelete{
+		s.publish(c.sandboxID, c.namespace, runtime.TaskDeleteEventTopic, &eventstypes.TaskDelete{
 			ContainerID: c.ID(),
 			Pid:         uint32(p.Pid()),
 			ExitStatus:  uint32(p.ExitStatus()),
@@ -455,7 +460,7 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emp
 		return nil, errgrpc.ToGRPC(err)
 	}
 	s.updateRecord(c)
-	s.publish(c.namespace, runtime.TaskExecAddedEventTopic, &eventstypes.TaskExecAdded{ContainerID: c.ID(), ExecID: p.ID()})
+	s.publish(c.sandboxID, c.namespace, runtime.TaskExecAddedEventTopic, &eventstypes.TaskExecAdded{ContainerID: c.ID(), ExecID: p.ID()})
 	return empty, nil
 }
 
@@ -536,7 +541,7 @@ func (s *Service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptypb.
 		if err := c.Container.Pause(ctx); err != nil {
 			return err
 		}
-		s.publish(c.namespace, runtime.TaskPausedEventTopic, &eventstypes.TaskPaused{ContainerID: c.ID()})
+		s.publish(c.sandboxID, c.namespace, runtime.TaskPausedEventTopic, &eventstypes.TaskPaused{ContainerID: c.ID()})
 		return nil
 	})
 }
@@ -547,7 +552,7 @@ func (s *Service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptyp
 		if err := c.Container.Resume(ctx); err != nil {
 			return err
 		}
-		s.publish(c.namespace, runtime.TaskResumedEventTopic, &eventstypes.TaskResumed{ContainerID: c.ID()})
+		s.publish(c.sandboxID, c.namespace, runtime.TaskResumedEventTopic, &eventstypes.TaskResumed{ContainerID: c.ID()})
 		return nil
 	})
 }
@@ -743,7 +748,7 @@ func (s *Service) execEnded(c *containerEntry) {
 func (s *Service) publishExit(e Exit, ref processRef) {
 	ref.p.SetExited(e.Status)
 	s.updateRecord(ref.c)
-	s.publish(ref.c.namespace, runtime.TaskExitEventTopic, &eventstypes.TaskExit{
+	s.publish(ref.c.sandboxID, ref.c.namespace, runtime.TaskExitEventTopic, &eventstypes.TaskExit{
 		ContainerID: ref.c.ID(),
 		ID:          ref.p.ID(),
 		Pid:         uint32(e.Pid),

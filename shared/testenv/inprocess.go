@@ -96,7 +96,7 @@ func ServeInProcess(t *testing.T, f Family) *InProcess {
 		}
 		fwd := events.NewForwarder(filepath.Join(dir, "no-containerd.sock"), log)
 		t.Cleanup(func() { fwd.Close() })
-		tasks, err := task.New(pods, fwd, rt, log)
+		tasks, err := task.New(pods, func(id string) task.Publisher { return fwd.ForSandbox(id) }, rt, log)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -114,7 +114,8 @@ func NewContainers(root, runcBin, runcRoot string, log *zap.Logger) (*Containers
 	if err != nil {
 		return nil, err
 	}
-	svc, err := task.New(c, c, rt, log)
+	// The guest is one pod: its events go to the host, which limits them.
+	svc, err := task.New(c, func(string) task.Publisher { return c }, rt, log)
 	if err != nil {
 		return nil, err
 	}

@@ -89,7 +89,7 @@ func FuzzExecRequest(f *testing.F) {
 	root := filepath.Join(base, "containers", "root")
 	c := &Containers{Root: root, Log: zap.NewNop(), streams: map[streamKey]*ioSlot{}, subs: map[chan *vmmtask.Event]struct{}{},
 		ctx: namespaces.WithNamespace(context.Background(), namespace)}
-	svc, err := task.New(c, c, nil, zap.NewNop())
+	svc, err := task.New(c, func(string) task.Publisher { return c }, nil, zap.NewNop())
 	if err != nil {
 		f.Fatal(err)
 	}

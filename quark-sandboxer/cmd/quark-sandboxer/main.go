@@ -70,7 +70,8 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	tasks, err := task.New(pods, base.Events, rt, log.Named("task"), task.WithExits(exits),
+	publishers := func(id string) task.Publisher { return base.Events.ForSandbox(id) }
+	tasks, err := task.New(pods, publishers, rt, log.Named("task"), task.WithExits(exits),
 		task.WithRecords(filepath.Join(base.Flags.Dir, "tasks")))
 	if err != nil {
 		rt.Close()
