@@ -96,6 +96,10 @@ type Config struct {
 	// default, 1 GiB, which a guest fills with use); other VMMs and KVM
 	// ignore it.
 	TCGCacheMiB int
+	// Unconfined runs QEMU without its seccomp sandbox (-sandbox), for
+	// hosts whose QEMU lacks it. Cloud Hypervisor and StratoVirt keep
+	// their own filters.
+	Unconfined bool
 	// Devices are present from boot, in order.
 	Devices []Device
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"syscall"
@@ -93,18 +94,73 @@ func (p *Process) Kill() {
 // LogTail is the end of the process's log, for errors.
 func (p *Process) LogTail() string { return FileTail(p.logPath) }
 
+// tailBytes is how much of a log's end errors quote.
+const tailBytes = 2048
+
 // FileTail is the end of a log file (its last 2 KiB, trimmed), for errors.
+// It reads only that much, however large the file: a guest writes the
+// console log.
 func FileTail(path string) string {
-	b, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return "(no log: " + err.Error() + ")"
 	}
-	b = bytes.TrimSpace(b)
-	if len(b) > 2048 {
-		b = b[len(b)-2048:]
+	defer f.Close()
+	b, err := readTail(f, tailBytes)
+	if err != nil {
+		return "(no log: " + err.Error() + ")"
 	}
+	// A log CapFile cut holds a hole where the writer's offset was.
+	b = bytes.TrimSpace(bytes.Trim(b, "\x00"))
 	if len(b) == 0 {
 		return "(empty log)"
 	}
 	return string(b)
+}
+
+// readTail reads the last n bytes of f.
+func readTail(f *os.File, n int64) ([]byte, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	off := max(st.Size()-n, 0)
+	b := make([]byte, st.Size()-off)
+	m, err := f.ReadAt(b, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	return b[:m], nil
+}
+
+// CapFile keeps a log that a guest can fill (its console, virtiofsd's
+// warnings) under limit bytes of storage: beyond it, the file is cut to
+// its last limit/4 bytes. The writer keeps its offset, so what it writes
+// next lands past a hole, which takes no storage; FileTail still finds it.
+func CapFile(path string, limit int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	defer f.Close()
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		return err
+	}
+	if st.Blocks*512 <= limit {
+		return nil
+	}
+	tail, err := readTail(f, limit/4)
+	if err != nil {
+		return err
+	}
+	tail = bytes.TrimLeft(tail, "\x00")
+	if err := f.Truncate(0); err != nil {
+		return err
+	}
+	_, err = f.WriteAt(tail, 0)
+	return err
 }

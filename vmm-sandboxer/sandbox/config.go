@@ -56,6 +56,9 @@ type GuestConfig struct {
 	// BootTimeoutSeconds bounds the wait from starting the VMM to the agent
 	// answering. Software emulation on a loaded host is slow.
 	BootTimeoutSeconds int `toml:"boot_timeout_seconds"`
+	// LogMaxKiB bounds each of a VM's logs (its console, which the guest
+	// writes, the VMM's, virtiofsd's): past it, a log keeps only its end.
+	LogMaxKiB int `toml:"log_max_kib"`
 }
 
 // QEMUConfig configures the QEMU driver.
@@ -71,6 +74,10 @@ type QEMUConfig struct {
 	// TCGCacheMiB sizes QEMU's translated-code cache under TCG; 0 keeps
 	// QEMU's 1 GiB. 64 saves about 50 MiB per VM for +0.3 s of boot.
 	TCGCacheMiB int `toml:"tcg_cache_mib"`
+	// Sandbox runs QEMU under its seccomp sandbox (-sandbox on with
+	// obsolete, elevateprivileges, spawn and resourcecontrol denied).
+	// Default true; false only for a QEMU built without seccomp.
+	Sandbox bool `toml:"sandbox"`
 }
 
 // VirtiofsdConfig configures the virtio-fs daemon of each pod.
@@ -86,6 +93,9 @@ const (
 	DefaultInitrd = "/usr/share/kuasar-go/vmm/initramfs.img"
 )
 
+// minLogMaxKiB keeps enough of a log for its tail to explain a failure.
+const minLogMaxKiB = 64
+
 // minGuestMemoryMiB is what the guest kernel, vmm-task and runc need to
 // boot and run a small container.
 const minGuestMemoryMiB = 128
@@ -97,9 +107,9 @@ func DefaultConfig() *Config {
 		Hypervisor:   HypervisorQEMU,
 		Guest: GuestConfig{
 			Kernel: DefaultKernel, Initrd: DefaultInitrd,
-			MemoryOverheadMiB: 128, MaxCPUs: 8, BootTimeoutSeconds: 120,
+			MemoryOverheadMiB: 128, MaxCPUs: 8, BootTimeoutSeconds: 120, LogMaxKiB: 1024,
 		},
-		QEMU:            QEMUConfig{Binary: qemu.DefaultBinary, Accel: string(hypervisor.AccelAuto), CPUs: 1, MemoryMiB: 256, TCGCacheMiB: 64},
+		QEMU:            QEMUConfig{Binary: qemu.DefaultBinary, Accel: string(hypervisor.AccelAuto), CPUs: 1, MemoryMiB: 256, TCGCacheMiB: 64, Sandbox: true},
 		CloudHypervisor: cloudhypervisor.DefaultConfig(),
 		StratoVirt:      stratovirt.DefaultConfig(),
 		Virtiofsd:       VirtiofsdConfig{Binary: virtiofs.DefaultBinary, Cache: "none"},
@@ -134,6 +144,9 @@ func (c *Config) Validate() error {
 	}
 	if g.MemoryOverheadMiB < 0 {
 		errs = append(errs, fmt.Errorf("guest.memory_overhead_mib %d: must not be negative", g.MemoryOverheadMiB))
+	}
+	if g.LogMaxKiB < minLogMaxKiB {
+		errs = append(errs, fmt.Errorf("guest.log_max_kib %d: want at least %d", g.LogMaxKiB, minLogMaxKiB))
 	}
 	if g.BootTimeoutSeconds < 1 {
 		errs = append(errs, fmt.Errorf("guest.boot_timeout_seconds %d: want at least 1", g.BootTimeoutSeconds))

@@ -92,6 +92,7 @@ func (st *state) recordDir() string         { return filepath.Join(st.VMDir, "co
 
 // pod is a running pod's VM and what serves it.
 type pod struct {
+	dir     string // state.VMDir
 	vm      hypervisor.Hypervisor
 	fsd     *virtiofs.Daemon
 	dialer  transport.Dialer
@@ -214,7 +215,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 			return nil, fmt.Errorf("guest image: %w (build it with `make guest`, install it with `make install SANDBOXER=vmm`): %w", err, errdefs.ErrFailedPrecondition)
 		}
 	}
-	p := &pod{exited: make(chan struct{})}
+	p := &pod{dir: st.VMDir, exited: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
 			f.release(context.Background(), sb, st, p)
@@ -323,6 +324,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 // containers are then reported exited.
 func (f *Family) watch(id string, p *pod) <-chan controller.Exit {
 	out := make(chan controller.Exit, 1)
+	go f.capLogs(p)
 	go func() {
 		st, _ := p.vm.Wait(context.Background())
 		p.tasks.Close()
@@ -334,6 +336,33 @@ func (f *Family) watch(id string, p *pod) <-chan controller.Exit {
 		out <- controller.Exit{Status: uint32(code), ExitedAt: time.Now()}
 	}()
 	return out
+}
+
+// logCapInterval is how often a VM's logs are checked against
+// guest.log_max_kib: what a guest writes between two checks is the most a
+// log exceeds it by.
+const logCapInterval = 2 * time.Second
+
+// capLogs keeps the logs in the VM's directory (its console, which the
+// guest writes, the VMM's and virtiofsd's, which it can make long) under
+// guest.log_max_kib each until the VMM exits: they live on /run, in memory.
+func (f *Family) capLogs(p *pod) {
+	limit := int64(f.cfg.Guest.LogMaxKiB) << 10
+	t := time.NewTicker(logCapInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.exited:
+			return
+		case <-t.C:
+		}
+		logs, _ := filepath.Glob(filepath.Join(p.dir, "*.log"))
+		for _, l := range logs {
+			if err := hypervisor.CapFile(l, limit); err != nil {
+				f.log.Warn("cap log", zap.String("path", l), zap.Error(err))
+			}
+		}
+	}
 }
 
 // waitAgent dials the agent until it answers Ping, the VM dies or the boot

@@ -49,7 +49,7 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (_ <-chan contr
 	}
 	vm := &attachedQEMU{pid: st.VMMPid, qmpSocket: filepath.Join(st.VMDir, "vmm.sock"), exits: exits, done: make(chan struct{})}
 	go vm.watch()
-	p := &pod{vm: vm, exited: vm.done}
+	p := &pod{dir: st.VMDir, vm: vm, exited: vm.done}
 	defer func() {
 		if retErr != nil {
 			f.release(context.Background(), sb, st, p)

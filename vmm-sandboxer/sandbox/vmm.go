@@ -74,7 +74,7 @@ func (f *Family) newVM(ctx context.Context, cfg hypervisor.Config, log *zap.Logg
 		if cfg.Accel, err = f.resolveAccel(ctx); err != nil {
 			return nil, nil, err
 		}
-		cfg.Binary, cfg.TCGCacheMiB = f.cfg.QEMU.Binary, f.cfg.QEMU.TCGCacheMiB
+		cfg.Binary, cfg.TCGCacheMiB, cfg.Unconfined = f.cfg.QEMU.Binary, f.cfg.QEMU.TCGCacheMiB, !f.cfg.QEMU.Sandbox
 		var q *qemu.QEMU
 		if q, err = qemu.New(cfg, log); err == nil {
 			vm = q

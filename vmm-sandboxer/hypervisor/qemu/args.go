@@ -22,6 +22,10 @@ const serialBus = "vser0"
 // hotplugPort names the PCIe root ports kept free for AddDevice.
 func hotplugPort(i int) string { return "hp" + strconv.Itoa(i) }
 
+// sandboxOptions turn on QEMU's seccomp sandbox with everything it can
+// deny.
+const sandboxOptions = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
 // esc escapes a value for QEMU's key=value,... option syntax, where a comma
 // is written as two.
 func esc(s string) string { return strings.ReplaceAll(s, ",", ",,") }
@@ -58,6 +62,12 @@ func Args(cfg *hypervisor.Config) ([]string, []*os.File, error) {
 		"-cpu", cpu,
 		"-smp", strconv.Itoa(cfg.CPUs),
 		"-m", strconv.Itoa(cfg.MemoryMiB) + "M",
+	}
+	if !cfg.Unconfined {
+		// A guest that breaks into QEMU meets a seccomp filter: no
+		// obsolete system calls, no set*id, no fork/exec, no changes of
+		// scheduling or affinity.
+		a = append(a, "-sandbox", sandboxOptions)
 	}
 	if cfg.SharedMemory {
 		machine += ",memory-backend=mem"

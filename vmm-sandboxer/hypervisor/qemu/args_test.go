@@ -38,8 +38,14 @@ func TestArgs(t *testing.T) {
 				"-kernel /k/vmlinuz", "-initrd /k/initrd.img", "-append console=ttyS0 quiet",
 				"-chardev socket,id=qmp,path=/run/vmm/pod1/vmm.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
 				"-device virtio-serial-pci,id=vser0",
+				"-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 			},
 			not: []string{"-object"},
+		},
+		{
+			name: "unconfined: no seccomp sandbox",
+			edit: func(c *hypervisor.Config) { c.Unconfined = true },
+			not:  []string{"-sandbox"},
 		},
 		{
 			name: "kvm uses the host cpu",
