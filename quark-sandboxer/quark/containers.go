@@ -12,13 +12,14 @@ import (
 
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/core/mount"
-	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
+	pathrs "github.com/cyphar/filepath-securejoin/pathrs-lite"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
+	"github.com/kuasar-go/kuasar-go/shared/safemount"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 	"github.com/kuasar-go/kuasar-go/shared/validate"
 )
@@ -220,17 +221,18 @@ func (e *Engine) appendContainer(pod *sandbox.Pod, t *TaskResource) (_ *Containe
 	}
 	spec := *t.Spec
 	spec.Root = &specs.Root{Path: "rootfs", Readonly: t.Spec.Root != nil && t.Spec.Root.Readonly}
+	root, err := safemount.OpenDir(rootfs)
+	if err != nil {
+		return nil, err
+	}
+	defer root.Close()
 	var kept []specs.Mount
 	for _, m := range spec.Mounts {
 		if m.Type != "bind" {
 			kept = append(kept, m)
 			continue
 		}
-		target, err := fs.RootPath(rootfs, m.Destination)
-		if err != nil {
-			return nil, fmt.Errorf("container %s mount %s: %v: %w", t.TaskID, m.Destination, err, errdefs.ErrInvalidArgument)
-		}
-		if err := bindMount(m.Source, target, m.Options); err != nil {
+		if err := bindVolume(root, m); err != nil {
 			return nil, fmt.Errorf("container %s mount %s: %w", t.TaskID, m.Destination, err)
 		}
 	}
@@ -260,12 +262,17 @@ func (e *Engine) updateProcesses(pod *sandbox.Pod, id string, c *ContainerState,
 		want[p.ExecID] = p
 	}
 	var errs []error
+	dir, err := safemount.OpenDir(c.Bundle)
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
 	for _, execID := range sortedKeys(c.Processes) {
 		if _, ok := want[execID]; ok {
 			continue
 		}
-		for _, s := range stdioNames {
-			if err := unbind(filepath.Join(c.Bundle, execID+"-"+s)); err != nil {
+		for _, n := range ioNames(execID) {
+			if err := unbind(dir, n); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -291,81 +298,125 @@ var stdioNames = []string{"stdin", "stdout", "stderr"}
 // bindIO binds a process's IO paths into the container's bundle
 // (<bundle>/stdout, <bundle>/<exec>-stdout) and returns them as Quark sees
 // them from its sandbox bundle (/<container>/stdout).
-func bindIO(bundle, id, execID string, host IO) (IO, error) {
+func bindIO(bundle, id, execID string, host IO) (_ IO, retErr error) {
+	dir, err := safemount.OpenDir(bundle)
+	if err != nil {
+		return IO{}, err
+	}
+	defer dir.Close()
+	names := ioNames(execID)
+	defer func() {
+		if retErr != nil {
+			for _, n := range names {
+				unbind(dir, n)
+			}
+		}
+	}()
 	var out IO
-	for _, f := range []struct {
+	for i, f := range []struct {
 		host string
 		in   *string
-		name string
-	}{{host.Stdin, &out.Stdin, "stdin"}, {host.Stdout, &out.Stdout, "stdout"}, {host.Stderr, &out.Stderr, "stderr"}} {
+	}{{host.Stdin, &out.Stdin}, {host.Stdout, &out.Stdout}, {host.Stderr, &out.Stderr}} {
 		if f.host == "" {
 			continue
 		}
-		name := f.name
-		if execID != "" {
-			name = execID + "-" + f.name
+		isDir, err := sourceIsDir(f.host)
+		if err != nil {
+			return IO{}, fmt.Errorf("bind %s: %w", stdioNames[i], err)
 		}
-		if err := bindMount(f.host, filepath.Join(bundle, name), nil); err != nil {
-			for _, s := range stdioNames {
-				n := s
-				if execID != "" {
-					n = execID + "-" + s
-				}
-				unbind(filepath.Join(bundle, n))
-			}
-			return IO{}, fmt.Errorf("bind %s: %w", f.name, err)
+		target, err := safemount.Target(dir, names[i], isDir)
+		if err != nil {
+			return IO{}, fmt.Errorf("bind %s: %w", stdioNames[i], err)
 		}
-		*f.in = "/" + id + "/" + name
+		err = safemount.Bind(f.host, target, false, 0)
+		target.Close()
+		if err != nil {
+			return IO{}, fmt.Errorf("bind %s: %w", stdioNames[i], err)
+		}
+		*f.in = "/" + id + "/" + names[i]
 	}
 	return out, nil
 }
 
-// unbind unmounts and removes a bound IO path, if it is there.
-func unbind(p string) error {
-	if err := unix.Unmount(p, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("unmount %s: %w", p, err)
+// ioNames are the names of a process's IO paths in its container's
+// bundle, in the order of stdioNames.
+func ioNames(execID string) []string {
+	if execID == "" {
+		return stdioNames
 	}
-	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
+	names := make([]string, len(stdioNames))
+	for i, s := range stdioNames {
+		names[i] = execID + "-" + s
 	}
-	return nil
+	return names
 }
 
-// bindMount bind-mounts source onto target, creating target as a file or
-// directory like source; "rbind" makes it recursive, "ro" read-only.
-func bindMount(source, target string, options []string) error {
+// unbind unmounts and removes a bound IO path in dir, if it is there.
+func unbind(dir *os.File, name string) error {
+	if err := safemount.Unmount(dir, name); err != nil {
+		return err
+	}
+	return safemount.Remove(dir, name)
+}
+
+// sourceIsDir tells whether a bind source, a host path from containerd,
+// is a directory.
+func sourceIsDir(source string) (bool, error) {
 	st, err := os.Stat(source)
 	if err != nil {
-		return fmt.Errorf("bind source: %v: %w", err, errdefs.ErrInvalidArgument)
+		return false, fmt.Errorf("bind source: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
-	if st.IsDir() {
-		if err := os.MkdirAll(target, 0o755); err != nil {
-			return err
-		}
-	} else {
-		if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
-			return err
-		}
-		f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o600)
+	return st.IsDir(), nil
+}
+
+// bindVolume binds a volume into a container's rootfs (root) as the spec
+// asks: recursively for rbind; read-only, nosuid, nodev, noexec on every
+// mount of the copy before it is attached, so never writable.
+func bindVolume(root *os.File, m specs.Mount) error {
+	isDir, err := sourceIsDir(m.Source)
+	if err != nil {
+		return err
+	}
+	target, err := volumeTarget(root, m.Destination, isDir)
+	if err != nil {
+		return fmt.Errorf("mount point in the image: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	defer target.Close()
+	recursive, attr := safemount.BindOptions(m.Options)
+	return safemount.Bind(m.Source, target, recursive, attr)
+}
+
+// volumeTarget opens the mount point dest in a container's rootfs (root),
+// which comes from the tenant's image: its symlinks resolve inside root, as
+// runc resolves them, and what is missing is created there, a directory or
+// an empty file like the source (a dangling symlink is refused). The mount
+// point is never reached through a path the kernel walks again.
+func volumeTarget(root *os.File, dest string, isDir bool) (*os.File, error) {
+	if isDir {
+		return pathrs.MkdirAllHandle(root, dest, 0o755)
+	}
+	target, err := pathrs.OpenatInRoot(root, dest)
+	if errors.Is(err, os.ErrNotExist) {
+		parent, err := pathrs.MkdirAllHandle(root, filepath.Dir(filepath.Clean("/"+dest)), 0o755)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		f.Close()
+		defer parent.Close()
+		return safemount.Target(parent, filepath.Base(dest), false)
 	}
-	flags := uintptr(unix.MS_BIND)
-	if slices.Contains(options, "rbind") {
-		flags |= unix.MS_REC
+	if err != nil {
+		return nil, err
 	}
-	if err := unix.Mount(source, target, "", flags, ""); err != nil {
-		return fmt.Errorf("bind %s on %s: %w", source, target, err)
+	var st unix.Stat_t
+	if err := unix.Fstat(int(target.Fd()), &st); err != nil {
+		target.Close()
+		return nil, err
 	}
-	if slices.Contains(options, "ro") {
-		if err := unix.Mount("", target, "", flags|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
-			unix.Unmount(target, unix.MNT_DETACH)
-			return fmt.Errorf("make %s read-only: %w", target, err)
-		}
+	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		target.Close()
+		return nil, fmt.Errorf("%s is a directory, its volume a file", dest)
 	}
-	return nil
+	return target, nil
 }
 
 // removeContainer unmounts and removes a container's bundle.
