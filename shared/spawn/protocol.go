@@ -54,6 +54,9 @@ const (
 	// maxFDs is the kernel's limit of descriptors per SCM_RIGHTS message
 	// (SCM_MAX_FD).
 	maxFDs = 253
+	// maxChildFiles bounds a child's descriptors: stdio and what came with
+	// the request.
+	maxChildFiles = 3 + maxFDs
 )
 
 // request is the first message of a connection.
@@ -185,9 +188,14 @@ func readBody(r io.Reader, n uint32, v any) error {
 	if n > maxMessage {
 		return fmt.Errorf("message of %d bytes exceeds %d", n, maxMessage)
 	}
-	b := make([]byte, n)
-	if _, err := io.ReadFull(r, b); err != nil {
+	// Allocate as the bytes arrive, not as the header claims: a peer that
+	// announces the largest message and sends nothing costs nothing.
+	b, err := io.ReadAll(io.LimitReader(r, int64(n)))
+	if err != nil {
 		return fmt.Errorf("read message: %w", err)
+	}
+	if len(b) < int(n) {
+		return fmt.Errorf("read message: %w", io.ErrUnexpectedEOF)
 	}
 	if err := json.Unmarshal(b, v); err != nil {
 		return fmt.Errorf("decode message: %w", err)

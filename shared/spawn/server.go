@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,11 +21,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-const defaultRingSize = 4096
+const (
+	defaultRingSize = 4096
+	// requestTimeout bounds how long a client may take to send its
+	// request once connected.
+	requestTimeout = 10 * time.Second
+)
 
 // Server spawns processes for clients and reaps everything re-parented to it.
 type Server struct {
-	log *zap.Logger
+	log            *zap.Logger
+	requestTimeout time.Duration
 
 	// startMu is held for reading around each start + registration and
 	// taken for writing by the reaper before it reaps a pid, so that a
@@ -73,14 +80,15 @@ func NewServer(log *zap.Logger, ringSize int) (*Server, error) {
 		return nil, fmt.Errorf("become child subreaper: %w", err)
 	}
 	s := &Server{
-		log:       log,
-		children:  make(map[int]chan exitRecord),
-		ring:      make([]exitRecord, 0, ringSize),
-		seq:       uint64(time.Now().UnixNano()),
-		changed:   make(chan struct{}),
-		listeners: make(map[net.Listener]struct{}),
-		conns:     make(map[net.Conn]struct{}),
-		done:      make(chan struct{}),
+		log:            log,
+		requestTimeout: requestTimeout,
+		children:       make(map[int]chan exitRecord),
+		ring:           make([]exitRecord, 0, ringSize),
+		seq:            uint64(time.Now().UnixNano()),
+		changed:        make(chan struct{}),
+		listeners:      make(map[net.Listener]struct{}),
+		conns:          make(map[net.Conn]struct{}),
+		done:           make(chan struct{}),
 		// One pending signal is enough: each wake-up reaps until no
 		// zombie is left.
 		sigs: make(chan os.Signal, 1),
@@ -182,17 +190,41 @@ func (s *Server) untrack(c net.Conn) {
 }
 
 func (s *Server) handle(c *net.UnixConn) {
-	var req request
-	fds, err := readMsgFDs(c, &req)
+	req, fds, err := s.readRequest(c)
 	if err != nil {
 		if !errors.Is(err, io.EOF) {
 			s.log.Warn("spawn: read request", zap.Error(err))
 		}
 		return
 	}
+	s.dispatch(c, &req, fds)
+}
+
+// readRequest reads a connection's request within requestTimeout: a
+// client that connects and stalls must not hold a handler forever.
+func (s *Server) readRequest(c *net.UnixConn) (request, []int, error) {
+	var req request
+	if err := c.SetReadDeadline(time.Now().Add(s.requestTimeout)); err != nil {
+		return req, nil, fmt.Errorf("read request: %w", err)
+	}
+	fds, err := readMsgFDs(c, &req)
+	if err != nil {
+		return req, nil, err
+	}
+	// What follows (a subscription) waits as long as the client wants.
+	if err := c.SetReadDeadline(time.Time{}); err != nil {
+		closeFDs(fds)
+		return req, nil, fmt.Errorf("read request: %w", err)
+	}
+	return req, fds, nil
+}
+
+// dispatch carries out req, which came with fds; they are closed or kept
+// (hold) whatever happens.
+func (s *Server) dispatch(c *net.UnixConn, req *request, fds []int) {
 	switch req.Op {
 	case opSpawn:
-		s.spawn(c, &req, fds)
+		s.spawn(c, req, fds)
 	case opSubscribe:
 		closeFDs(fds)
 		s.subscribe(c, req.Since)
@@ -243,6 +275,30 @@ func (s *Server) spawn(c *net.UnixConn, req *request, fds []int) {
 	}
 }
 
+// check refuses a spawn request that came with nfds descriptors and that
+// the server cannot carry out as asked. Paths are absolute: the client
+// resolves them in its own working directory, which the server's is not.
+func (req *request) check(nfds int) error {
+	if req.NFDs != nfds {
+		return fmt.Errorf("expected %d descriptors, received %d", req.NFDs, nfds)
+	}
+	if !filepath.IsAbs(req.Path) {
+		return fmt.Errorf("path %q is not absolute", req.Path)
+	}
+	if req.Dir != "" && !filepath.IsAbs(req.Dir) {
+		return fmt.Errorf("dir %q is not absolute", req.Dir)
+	}
+	if len(req.Files) > maxChildFiles {
+		return fmt.Errorf("%d child descriptors exceed %d", len(req.Files), maxChildFiles)
+	}
+	for i, idx := range req.Files {
+		if idx < -1 || idx >= nfds {
+			return fmt.Errorf("child descriptor %d refers to descriptor %d of %d received", i, idx, nfds)
+		}
+	}
+	return nil
+}
+
 func (s *Server) start(req *request, fds []int) (pid int, exited chan exitRecord, err error) {
 	files := make([]*os.File, len(fds))
 	for i, fd := range fds {
@@ -259,11 +315,8 @@ func (s *Server) start(req *request, fds []int) (pid int, exited chan exitRecord
 			_ = f.Close()
 		}
 	}()
-	if req.NFDs != len(fds) {
-		return 0, nil, fmt.Errorf("expected %d descriptors, received %d", req.NFDs, len(fds))
-	}
-	if req.Path == "" {
-		return 0, nil, errors.New("no path")
+	if err := req.check(len(fds)); err != nil {
+		return 0, nil, err
 	}
 	child := make([]*os.File, max(3, len(req.Files)))
 	for i := range child {
@@ -272,10 +325,8 @@ func (s *Server) start(req *request, fds []int) (pid int, exited chan exitRecord
 			idx = req.Files[i]
 		}
 		switch {
-		case idx >= 0 && idx < len(files):
+		case idx >= 0:
 			child[i] = files[idx]
-		case idx >= len(files) || idx < -1:
-			return 0, nil, fmt.Errorf("child descriptor %d refers to descriptor %d of %d received", i, idx, len(files))
 		case i < 3:
 			// As exec.Cmd does for a nil Stdin/Stdout/Stderr.
 			null, err := devNull()
