@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/signal"
@@ -63,6 +64,49 @@ type request struct {
 type response struct {
 	Error string `json:"error,omitempty"`
 	Pid   int    `json:"pid,omitempty"`
+}
+
+// maxMessage bounds a control message either way: a request names two
+// socket paths, a response a PID or an error.
+const maxMessage = 64 << 10
+
+// readRequest reads the request of a control connection.
+func readRequest(r io.Reader) (request, error) {
+	var req request
+	if err := decode(r, &req); err != nil {
+		return request{}, err
+	}
+	return req, nil
+}
+
+// readResponse reads the keeper's answer to an op request; an answer that
+// carries an error is that error.
+func readResponse(r io.Reader, op string) (response, error) {
+	var resp response
+	if err := decode(r, &resp); err != nil {
+		return response{}, err
+	}
+	if resp.Error != "" {
+		return resp, errors.New(resp.Error)
+	}
+	// The daemon waits for this PID to be gone when it stops the keeper:
+	// kill(0 or -1, 0) would never tell it so.
+	if op == opHello && resp.Pid <= 0 {
+		return response{}, fmt.Errorf("keeper says its pid is %d", resp.Pid)
+	}
+	return resp, nil
+}
+
+// decode reads one JSON message of at most maxMessage bytes into v.
+func decode(r io.Reader, v any) error {
+	lr := &io.LimitedReader{R: r, N: maxMessage + 1}
+	if err := json.NewDecoder(lr).Decode(v); err != nil {
+		if lr.N <= 0 {
+			return fmt.Errorf("control message longer than %d bytes", maxMessage)
+		}
+		return fmt.Errorf("control message: %w", err)
+	}
+	return nil
 }
 
 const (
@@ -170,8 +214,12 @@ func (k *keeper) serve(l net.Listener) {
 func (k *keeper) handle(c net.Conn) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
-	var req request
-	if err := json.NewDecoder(c).Decode(&req); err != nil {
+	req, err := readRequest(c)
+	if err != nil {
+		// A daemon checking whether a keeper answers connects and closes.
+		if !errors.Is(err, io.EOF) {
+			k.log.Warn("control request", zap.Error(err))
+		}
 		return
 	}
 	var resp response
@@ -199,15 +247,43 @@ func (k *keeper) do(req request, resp *response) error {
 	return fmt.Errorf("unknown operation %q", req.Op)
 }
 
-func (k *keeper) listen(address, backend string) error {
-	// Only in the daemon's own directory: listening replaces a stale file.
+// checkListen refuses socket paths that a listen in dir must not take:
+// listening replaces a stale file, so only a socket (*.sock) of the
+// daemon's own directory, never one of the keeper's own files, and never
+// forwarded to itself (each connection would open another, without end).
+func checkListen(dir, address, backend string) error {
+	dir = filepath.Clean(dir)
 	for _, p := range []string{address, backend} {
-		if !filepath.IsAbs(p) || !strings.HasPrefix(filepath.Clean(p), filepath.Clean(k.dir)+"/") {
-			return fmt.Errorf("listen %q to %q: socket paths must be absolute and below %s", address, backend, k.dir)
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p || !strings.HasPrefix(p, dir+"/") || !strings.HasSuffix(p, ".sock") {
+			return fmt.Errorf("listen %q to %q: socket paths must be clean, absolute, below %s and end in .sock", address, backend, dir)
 		}
+		if p == filepath.Join(dir, SocketName) || p == filepath.Join(dir, SpawnSocketName) {
+			return fmt.Errorf("listen %q to %q: %s is the keeper's own", address, backend, p)
+		}
+	}
+	if address == backend {
+		return fmt.Errorf("listen %q: forwarded to itself", address)
+	}
+	return nil
+}
+
+func (k *keeper) listen(address, backend string) error {
+	if err := checkListen(k.dir, address, backend); err != nil {
+		return err
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	// Backends are the daemon's: forwarding to an address the keeper
+	// serves could close a loop, and serving a backend would take the
+	// daemon's socket while it restarts.
+	if _, ok := k.proxies[backend]; ok {
+		return fmt.Errorf("listen %q: backend %s is an address the keeper serves", address, backend)
+	}
+	for a, p := range k.proxies {
+		if p.backend == address {
+			return fmt.Errorf("listen %q: it is the backend of %s", address, a)
+		}
+	}
 	if p, ok := k.proxies[address]; ok {
 		if p.backend != backend {
 			return fmt.Errorf("%s already forwards to %s", address, p.backend)
@@ -274,12 +350,9 @@ func call(ctx context.Context, dir string, req request) (response, error) {
 	if err := json.NewEncoder(c).Encode(req); err != nil {
 		return response{}, err
 	}
-	var resp response
-	if err := json.NewDecoder(c).Decode(&resp); err != nil {
-		return response{}, fmt.Errorf("keeper %s: %w", req.Op, err)
-	}
-	if resp.Error != "" {
-		return resp, fmt.Errorf("keeper %s: %s", req.Op, resp.Error)
+	resp, err := readResponse(c, req.Op)
+	if err != nil {
+		return resp, fmt.Errorf("keeper %s: %w", req.Op, err)
 	}
 	return resp, nil
 }
