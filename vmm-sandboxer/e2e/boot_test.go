@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/agentclient"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/guest"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
@@ -97,6 +98,7 @@ func TestE2EVMMBootAndPing(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root (a tap device in a network namespace)")
 	}
+	testenv.BootsVMs(t)
 	pn, err := newPodNet("10.254.0.1/30")
 	if err != nil {
 		t.Fatal(err)

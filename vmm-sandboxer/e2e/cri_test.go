@@ -31,6 +31,11 @@ func guestImage(t *testing.T) (kernel, initrd string) {
 	return kernel, initrd
 }
 
+// bootTimeout is the daemons' boot timeout: within the CRI call's, so
+// that a slow boot fails with the daemon's error and the end of the
+// guest's console rather than the call's DeadlineExceeded.
+var bootTimeout = int((testenv.CallTimeout - 20*time.Second) / time.Second)
+
 // vmmConfig is a vmm-sandboxer config booting the guest under TCG (auto:
 // the KVM probe fails here) with extra kernel parameters and the boot
 // timeout, then extra TOML.
@@ -54,11 +59,12 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 	kernel, initrd := guestImage(t)
 	bin := testenv.Binary("vmm-sandboxer")
 	testenv.RequireFiles(t, bin)
+	testenv.BootsVMs(t)
 	env := testenv.Start(t, testenv.Options{Sandboxers: []testenv.Sandboxer{
-		{Name: handler, Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, os.Getenv("KUASAR_KERNEL_PARAMS"), 240, "")},
-		{Name: "kuasar-vmm-noimage", Binary: bin, ConfigTOML: vmmConfig(kernel+".missing", initrd, "", 240, "")},
-		{Name: "kuasar-vmm-panic", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "rdinit=/no-such-init", 240, "")},
-		{Name: "kuasar-vmm-noqemu", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "", 240, "[qemu]\nbinary = \"/no/such/qemu\"\naccel = \"tcg\"\n")},
+		{Name: handler, Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, os.Getenv("KUASAR_KERNEL_PARAMS"), bootTimeout, "")},
+		{Name: "kuasar-vmm-noimage", Binary: bin, ConfigTOML: vmmConfig(kernel+".missing", initrd, "", bootTimeout, "")},
+		{Name: "kuasar-vmm-panic", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "rdinit=/no-such-init", bootTimeout, "")},
+		{Name: "kuasar-vmm-noqemu", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "", bootTimeout, "[qemu]\nbinary = \"/no/such/qemu\"\naccel = \"tcg\"\n")},
 		// The agent waits for a port the VM does not have.
 		{Name: "kuasar-vmm-noagent", Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "kuasar.port=no-such-port", 15, "")},
 	}})
