@@ -165,6 +165,7 @@ func startNode(t *testing.T) *node {
 	}
 	sort.Strings(need)
 	testenv.RequireFiles(t, need...)
+	testenv.BootsVMs(t)
 	release, err := kernelRelease(kernel)
 	if err != nil {
 		t.Fatal(err)
