@@ -161,6 +161,7 @@ func (p *SandboxPublisher) PublishNamespace(ns, topic string, event cevents.Even
 	f := p.f
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	now = time.Now() // the buckets' clock only goes forward
 	if f.ctx.Err() != nil {
 		return fmt.Errorf("event forwarder closed: %w", errdefs.ErrUnavailable)
 	}
