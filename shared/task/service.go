@@ -748,9 +748,16 @@ func (s *Service) execEnded(c *containerEntry) {
 func (s *Service) publishExit(e Exit, ref processRef) {
 	ref.p.SetExited(e.Status)
 	s.updateRecord(ref.c)
+	// containerd's clients tell an init's exit from an exec's by ID, the
+	// container's own for the init (as containerd's shims send it); some
+	// runtimes name their init process "".
+	id := ref.p.ID()
+	if init, _ := ref.c.Process(""); init == ref.p {
+		id = ref.c.ID()
+	}
 	s.publish(ref.c.sandboxID, ref.c.namespace, runtime.TaskExitEventTopic, &eventstypes.TaskExit{
 		ContainerID: ref.c.ID(),
-		ID:          ref.p.ID(),
+		ID:          id,
 		Pid:         uint32(e.Pid),
 		ExitStatus:  uint32(e.Status),
 		ExitedAt:    protobuf.ToTimestamp(ref.p.ExitedAt()),
