@@ -1,7 +1,6 @@
 package oci
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -122,12 +121,9 @@ func (c *Container) Record() ([]byte, error) {
 // running processes still run is for the caller to find out (SetExited).
 func (rt *Runtime) Restore(ctx context.Context, data []byte) (task.Container, error) {
 	var rec record
-	dec := json.NewDecoder(bytes.NewReader(data))
-	if err := dec.Decode(&rec); err != nil {
+	// Unmarshal, not a Decoder: Decoder.More misses a trailing '}' or ']'.
+	if err := json.Unmarshal(data, &rec); err != nil {
 		return nil, fmt.Errorf("container record: %v: %w", err, errdefs.ErrInvalidArgument)
-	}
-	if dec.More() {
-		return nil, fmt.Errorf("container record: trailing data: %w", errdefs.ErrInvalidArgument)
 	}
 	if err := rec.validate(); err != nil {
 		return nil, fmt.Errorf("container record: %w", err)
