@@ -59,12 +59,17 @@ func (d *VsockDialer) Close() error { return nil }
 // SerialDialer reaches the guest through the unix socket QEMU listens on for
 // a virtio-serial port, one multiplexer session at a time: a session that
 // breaks (the socket closed, the guest restarted its end) is replaced on
-// the next Dial.
+// the next Dial, unless the guest misbehaved on it after answering on it
+// (see Err). Before its first answer, what arrives on a session may be the
+// rest of the guest's previous one: QEMU drops what the guest writes while
+// no host is connected, which can cut a frame and leave its tail to the
+// next host; such a session is only replaced.
 type SerialDialer struct {
 	SocketPath string
 
 	mu     sync.Mutex
 	mux    *MuxClient
+	err    error // why the dialer gave up on the guest
 	closed bool
 }
 
@@ -78,6 +83,9 @@ func (d *SerialDialer) session(ctx context.Context) (*MuxClient, error) {
 	defer d.mu.Unlock()
 	if d.closed {
 		return nil, ErrDialerClosed
+	}
+	if err := d.errLocked(); err != nil {
+		return nil, err
 	}
 	if d.mux != nil {
 		select {
@@ -104,11 +112,11 @@ func (d *SerialDialer) session(ctx context.Context) (*MuxClient, error) {
 // Dial opens a stream to port. While the guest is booting the stream's
 // opening waits in the VMM's buffers, so this returns once the guest's
 // agent listens; a refused port or a broken session is retried until ctx
-// ends.
+// ends, a guest that misbehaved is not.
 func (d *SerialDialer) Dial(ctx context.Context, port uint32) (net.Conn, error) {
 	for {
 		m, err := d.session(ctx)
-		if errors.Is(err, ErrDialerClosed) {
+		if errors.Is(err, ErrDialerClosed) || errors.Is(err, ErrMisbehaved) {
 			return nil, err
 		}
 		if err == nil {
@@ -118,13 +126,19 @@ func (d *SerialDialer) Dial(ctx context.Context, port uint32) (net.Conn, error) 
 				return c, nil
 			}
 			if !errors.Is(err, ErrNoListener) {
-				// The session is suspect: start a fresh one next time.
+				// The session is suspect: start a fresh one next time,
+				// unless the guest misbehaved for good on it.
 				d.mu.Lock()
 				if d.mux == m {
+					_ = d.errLocked()
 					d.mux = nil
 				}
+				gaveUp := d.err
 				d.mu.Unlock()
 				m.Close()
+				if gaveUp != nil {
+					return nil, gaveUp
+				}
 			}
 		}
 		select {
@@ -133,6 +147,21 @@ func (d *SerialDialer) Dial(ctx context.Context, port uint32) (net.Conn, error) 
 		case <-time.After(retryDelay):
 		}
 	}
+}
+
+// Err is why the dialer gave up on the guest for good: it wraps
+// ErrMisbehaved. Streams dialed before then are closed; Dial fails at once.
+func (d *SerialDialer) Err() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.errLocked()
+}
+
+func (d *SerialDialer) errLocked() error {
+	if d.err == nil && d.mux != nil && d.mux.answered.Load() {
+		d.err = d.mux.Err()
+	}
+	return d.err
 }
 
 // Close ends the session and every stream on it.

@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"regexp"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -122,4 +124,65 @@ func FuzzMuxDial(f *testing.F) {
 			t.Fatalf("echo %q, sent %q", got, data)
 		}
 	})
+}
+
+// FuzzMuxGuestBytes sends the host's end of a link any bytes as the guest,
+// then hangs up. The host never hangs, and gives up on the guest exactly
+// when a complete frame header is one that a guest running MuxServer never
+// sends (guestBreaks restates hostLink's rules).
+func FuzzMuxGuestBytes(f *testing.F) {
+	f.Add(append(yamuxFrame(yamuxData, yamuxACK, 1, 3), "abc"...))
+	f.Add(slices.Concat(yamuxFrame(yamuxWindowUpdate, yamuxFIN, 3, 1), yamuxFrame(yamuxGoAway, 0, 0, 0), yamuxFrame(yamuxPing, yamuxSYN, 0, 1)))
+	f.Add(slices.Concat(yamuxFrame(yamuxGoAway, 0, 0, 1), yamuxFrame(yamuxPing, yamuxSYN, 0, 1)))
+	f.Add(yamuxFrame(yamuxData, yamuxSYN, 2, 0))
+	f.Add(yamuxFrame(yamuxData, 0, 1, yamuxWindow+1))
+	f.Add(yamuxFrame(yamuxData, 0, 1, yamuxWindow)[:7])
+	f.Fuzz(func(t *testing.T, b []byte) {
+		host, guest := net.Pipe()
+		cli, err := newMuxClient(host, StallTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cli.Close()
+		go func() { _, _ = io.Copy(io.Discard, guest) }()
+		// net.Pipe's Write returns once the host has read every byte, or
+		// closed the link.
+		_, _ = guest.Write(b)
+		guest.Close()
+		select {
+		case <-cli.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the host still holds the link after the guest sent %x and hung up", b)
+		}
+		breaks, known := guestBreaks(b)
+		if got := errors.Is(cli.Err(), ErrMisbehaved); known && got != breaks {
+			t.Fatalf("guest sent %x: the host gave up on it: %v (%v), want %v", b, got, cli.Err(), breaks)
+		}
+	})
+}
+
+// guestBreaks tells whether b holds a complete frame header that a guest
+// running MuxServer never sends. known is false when, before any, a GoAway
+// with an error code ends the session: yamux reads no further, so whether
+// the host saw a bad header after it depends on how much it had read.
+func guestBreaks(b []byte) (breaks, known bool) {
+	for len(b) >= yamuxHeaderSize {
+		h := b[:yamuxHeaderSize]
+		b = b[yamuxHeaderSize:]
+		typ, flags := h[1], binary.BigEndian.Uint16(h[2:4])
+		id, length := binary.BigEndian.Uint32(h[4:8]), binary.BigEndian.Uint32(h[8:12])
+		switch {
+		case h[0] != 0 || typ == yamuxPing || typ > yamuxGoAway || flags&^(yamuxACK|yamuxFIN|yamuxRST) != 0:
+			return true, true
+		case typ == yamuxGoAway:
+			if length != 0 {
+				return false, false
+			}
+		case id%2 == 0 || length > yamuxWindow:
+			return true, true
+		case typ == yamuxData:
+			b = b[min(len(b), int(length)):]
+		}
+	}
+	return false, true
 }

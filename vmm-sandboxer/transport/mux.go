@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -43,7 +44,7 @@ var ErrNoListener = errors.New("transport: no listener on that port in the guest
 func muxConfig() *yamux.Config {
 	c := yamux.DefaultConfig()
 	c.EnableKeepAlive = false
-	c.ConnectionWriteTimeout = 60 * time.Second
+	c.ConnectionWriteTimeout = StallTimeout
 	c.StreamOpenTimeout = 0 // the guest may not be up yet: the caller's context decides
 	c.StreamCloseTimeout = 30 * time.Second
 	c.AcceptBacklog = 512
@@ -51,18 +52,29 @@ func muxConfig() *yamux.Config {
 	return c
 }
 
-// MuxClient is the host's end of a multiplexed link.
+// MuxClient is the host's end of a multiplexed link. It holds the guest to
+// the protocol (see hostLink): a guest that breaks it loses the link, and
+// Err says why.
 type MuxClient struct {
-	s *yamux.Session
+	s    *yamux.Session
+	link *hostLink
+	// answered is set once the guest has answered a stream's port header
+	// on this session.
+	answered atomic.Bool
 }
 
 // NewMuxClient starts a multiplexer session over conn (which it owns).
-func NewMuxClient(conn io.ReadWriteCloser) (*MuxClient, error) {
-	s, err := yamux.Client(conn, muxConfig())
+func NewMuxClient(conn net.Conn) (*MuxClient, error) {
+	return newMuxClient(conn, StallTimeout)
+}
+
+func newMuxClient(conn net.Conn, stall time.Duration) (*MuxClient, error) {
+	link := newHostLink(conn, stall)
+	s, err := yamux.Client(link, muxConfig())
 	if err != nil {
 		return nil, fmt.Errorf("transport: mux session: %w", err)
 	}
-	return &MuxClient{s: s}, nil
+	return &MuxClient{s: s, link: link}, nil
 }
 
 // Dial opens a stream to port in the guest and waits for the guest to
@@ -70,7 +82,7 @@ func NewMuxClient(conn io.ReadWriteCloser) (*MuxClient, error) {
 func (m *MuxClient) Dial(ctx context.Context, port uint32) (net.Conn, error) {
 	st, err := m.s.OpenStream()
 	if err != nil {
-		return nil, fmt.Errorf("transport: open stream to port %d: %w", port, err)
+		return nil, fmt.Errorf("transport: open stream to port %d: %w", port, m.cause(err))
 	}
 	stop := context.AfterFunc(ctx, func() { _ = st.SetDeadline(time.Now()) })
 	defer stop()
@@ -86,18 +98,38 @@ func (m *MuxClient) Dial(ctx context.Context, port uint32) (net.Conn, error) {
 	}
 	if err != nil {
 		st.Close()
-		return nil, fmt.Errorf("transport: dial port %d: %w", port, err)
+		return nil, fmt.Errorf("transport: dial port %d: %w", port, m.cause(err))
 	}
 	_ = st.SetDeadline(time.Time{})
-	if ans[0] != portOK {
+	switch ans[0] {
+	case portOK:
+		m.answered.Store(true)
+		return st, nil
+	case portClosed:
+		m.answered.Store(true)
 		st.Close()
 		return nil, fmt.Errorf("port %d: %w", port, ErrNoListener)
+	default:
+		err := m.link.fail(fmt.Errorf("%w: it answered %#x to a stream to port %d", ErrMisbehaved, ans[0], port))
+		m.s.Close()
+		return nil, err
 	}
-	return st, nil
+}
+
+// cause is err, or why the host gave up on the guest when it did.
+func (m *MuxClient) cause(err error) error {
+	if lerr := m.link.Err(); lerr != nil {
+		return lerr
+	}
+	return err
 }
 
 // Done is closed when the session ends (the link broke or Close).
 func (m *MuxClient) Done() <-chan struct{} { return m.s.CloseChan() }
+
+// Err is why the host gave up on the guest (it wraps ErrMisbehaved), nil
+// while it has not.
+func (m *MuxClient) Err() error { return m.link.Err() }
 
 // Close ends the session and its streams.
 func (m *MuxClient) Close() error { return m.s.Close() }
