@@ -16,8 +16,10 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/proto"
@@ -30,21 +32,73 @@ import (
 type Client struct {
 	vmmtask.AgentClient
 	dialer transport.Dialer
+	conn   *agentConn
 	tc     *ttrpc.Client
+	// stall bounds the waits on the guest that need no work of it: taking
+	// a request, answering an IO stream's header.
+	stall  time.Duration
+	done   chan struct{}
+	closed atomic.Bool
 }
+
+// policed is a dialer that can give up on its guest for good
+// (transport.SerialDialer): Err then says why.
+type policed interface {
+	Err() error
+}
+
+// ErrAgentGone means the agent connection ended while the host still used
+// it (the VM stopped, the agent exited or closed it).
+var ErrAgentGone = fmt.Errorf("agentclient: the agent connection ended (%w)", errdefs.ErrUnavailable)
 
 // Dial connects to the agent port, waiting (until ctx ends) for the guest.
 func Dial(ctx context.Context, d transport.Dialer) (*Client, error) {
+	return dial(ctx, d, transport.StallTimeout)
+}
+
+func dial(ctx context.Context, d transport.Dialer, stall time.Duration) (*Client, error) {
 	conn, err := d.Dial(ctx, transport.AgentPort)
 	if err != nil {
 		return nil, err
 	}
-	tc := ttrpc.NewClient(conn)
-	return &Client{AgentClient: vmmtask.NewAgentClient(tc), dialer: d, tc: tc}, nil
+	c := &Client{dialer: d, conn: newAgentConn(conn, stall), stall: stall, done: make(chan struct{})}
+	c.tc = ttrpc.NewClient(c.conn, ttrpc.WithOnClose(func() { close(c.done) }))
+	c.AgentClient = vmmtask.NewAgentClient(c.tc)
+	return c, nil
+}
+
+// Done is closed once the agent connection has ended: Close, or see Err.
+// Every call fails from then on.
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Err is why the agent connection ended: nil before it did and after
+// Close; an error wrapping transport.ErrMisbehaved when the host gave up
+// on the guest (the pod should end); ErrAgentGone otherwise.
+func (c *Client) Err() error {
+	select {
+	case <-c.done:
+	default:
+		return nil
+	}
+	if err := c.conn.Err(); err != nil {
+		return err
+	}
+	if p, ok := c.dialer.(policed); ok {
+		if err := p.Err(); err != nil {
+			return err
+		}
+	}
+	if c.closed.Load() {
+		return nil
+	}
+	return ErrAgentGone
 }
 
 // Close closes the agent connection (not the dialer).
-func (c *Client) Close() error { return c.tc.Close() }
+func (c *Client) Close() error {
+	c.closed.Store(true)
+	return c.tc.Close()
+}
 
 // Share maps the host directory that virtiofsd serves to where the guest
 // mounted it.
@@ -188,31 +242,42 @@ func (c *Client) Attach(containerID, execID string) *Process {
 	return &Process{c: c, ContainerID: containerID, ExecID: execID}
 }
 
-// OpenStream opens one IO stream of a process on the IO port.
+// maxRefusal bounds the error text of a refused IO stream that is kept.
+const maxRefusal = 4096
+
+// OpenStream opens one IO stream of a process on the IO port. A guest that
+// does not answer within the stall timeout is not waited for.
 func (c *Client) OpenStream(ctx context.Context, containerID, execID string, kind vmmtask.IOStreamHeader_Kind) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.stall)
+	defer cancel()
 	conn, err := c.dialer.Dial(ctx, transport.IOPort)
 	if err != nil {
 		return nil, err
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	defer stop()
 	h, _ := proto.Marshal(&vmmtask.IOStreamHeader{ContainerId: containerID, ExecId: execID, Kind: kind})
 	var n [4]byte
 	binary.BigEndian.PutUint32(n[:], uint32(len(h)))
-	if _, err := conn.Write(append(n[:], h...)); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("agentclient: %s stream of %s/%s: %w", kind, containerID, execID, err)
+	_, err = conn.Write(append(n[:], h...))
+	if err == nil {
+		_, err = io.ReadFull(conn, n[:])
 	}
-	if _, err := io.ReadFull(conn, n[:]); err != nil {
+	var refusal []byte
+	if l := binary.BigEndian.Uint32(n[:]); err == nil && l > 0 {
+		refusal = make([]byte, min(l, maxRefusal))
+		k, _ := io.ReadFull(conn, refusal)
+		refusal = refusal[:k]
+	}
+	if !stop() && refusal == nil {
+		err = ctx.Err() // its end closed conn
+	}
+	switch {
+	case refusal != nil:
+		conn.Close()
+		return nil, fmt.Errorf("agentclient: %s stream of %s/%s refused: %q", kind, containerID, execID, refusal)
+	case err != nil:
 		conn.Close()
 		return nil, fmt.Errorf("agentclient: %s stream of %s/%s: no answer: %w", kind, containerID, execID, err)
-	}
-	l := binary.BigEndian.Uint32(n[:])
-	if l > 0 {
-		msg := make([]byte, min(l, 4096))
-		_, _ = io.ReadFull(conn, msg)
-		conn.Close()
-		return nil, fmt.Errorf("agentclient: %s stream of %s/%s refused: %s", kind, containerID, execID, msg)
 	}
 	return conn, nil
 }
