@@ -29,14 +29,18 @@ const maxHandshakeLine = 32
 // connection without answering (how it says that nothing listens on the
 // port in the guest yet), until ctx ends.
 func (d *HybridVsockDialer) Dial(ctx context.Context, port uint32) (net.Conn, error) {
+	var last error
 	for {
 		c, err := d.dialOnce(ctx, port)
 		if err == nil || errors.Is(err, ErrHybridVsockProtocol) {
 			return c, err
 		}
+		if last == nil || ctx.Err() == nil {
+			last = err // a try that ctx cut short tells less than the one before
+		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("transport: hybrid vsock %s port %d: %w (last error: %v)", d.SocketPath, port, ctx.Err(), err)
+			return nil, fmt.Errorf("transport: hybrid vsock %s port %d: %w (last error: %v)", d.SocketPath, port, ctx.Err(), last)
 		case <-time.After(retryDelay):
 		}
 	}
