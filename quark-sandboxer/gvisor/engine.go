@@ -105,10 +105,6 @@ func New(opts Options, log *zap.Logger) *Engine {
 // Name implements sandbox.Engine.
 func (e *Engine) Name() string { return sandbox.EngineGVisor }
 
-// Cgrouped implements sandbox.Engine: runsc places the sandbox in the root
-// container's cgroup.
-func (e *Engine) Cgrouped() bool { return true }
-
 // Check implements sandbox.Engine.
 func (e *Engine) Check() error {
 	if e.rootfsErr != nil {

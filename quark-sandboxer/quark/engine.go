@@ -28,6 +28,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
+	"github.com/kuasar-go/kuasar-go/shared/cgroup"
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
 	"github.com/kuasar-go/kuasar-go/shared/proc"
@@ -61,9 +62,6 @@ func New(cfg sandbox.QuarkConfig, exits task.ExitSource, log *zap.Logger) *Engin
 
 // Name implements sandbox.Engine.
 func (e *Engine) Name() string { return sandbox.EngineQuark }
-
-// Cgrouped implements sandbox.Engine: Quark manages its own resources.
-func (e *Engine) Cgrouped() bool { return false }
 
 // Check implements sandbox.Engine.
 func (e *Engine) Check() error {
@@ -101,7 +99,11 @@ func sandboxSpec(pod *sandbox.Pod) *specs.Spec {
 		Hostname: pod.Config.GetHostname(),
 		Root:     &specs.Root{Path: "rootfs"},
 		Process:  &specs.Process{Cwd: "/"},
-		Linux:    &specs.Linux{Resources: resources(pod.Config.GetLinux().GetResources())},
+		Linux: &specs.Linux{
+			// Where the daemon places the sandbox process.
+			CgroupsPath: pod.Cgroup,
+			Resources:   resources(pod.Config.GetLinux().GetResources()),
+		},
 	}
 	if pod.NetnsPath != "" {
 		spec.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.NetworkNamespace, Path: pod.NetnsPath}}
@@ -146,6 +148,10 @@ func resources(r *runtimeapi.LinuxContainerResources) *specs.LinuxResources {
 // and serves the task API on the socket.
 func (e *Engine) Start(ctx context.Context, pod *sandbox.Pod) (*sandbox.Started, error) {
 	sock := taskSocket(pod)
+	cg, err := cgroup.New(pod.Cgroup)
+	if err != nil {
+		return nil, err
+	}
 	out, err := os.OpenFile(outputLog(pod), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
@@ -181,6 +187,12 @@ func (e *Engine) Start(ctx context.Context, pod *sandbox.Pod) (*sandbox.Started,
 		return nil, fmt.Errorf("quark sandbox succeeded but %v: %w", err, errdefs.ErrInternal)
 	}
 	exited := w.Pid(pid)
+	// The keeper started `quark sandbox` in the daemon's cgroup; the
+	// sandbox goes to the pod's, under the limits kubelet set there.
+	if err := cg.Add(pid); err != nil {
+		e.kill(pid, exited)
+		return nil, fmt.Errorf("place the Quark sandbox %d in the pod's cgroup: %w", pid, err)
+	}
 	if _, err := os.Stat(sock); err != nil {
 		e.kill(pid, exited)
 		return nil, fmt.Errorf("quark sandbox %d serves no task socket at %s: %w", pid, sock, errdefs.ErrInternal)

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -26,6 +28,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/internal/testrig"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/quark"
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
+	"github.com/kuasar-go/kuasar-go/shared/cgroup"
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
 )
 
@@ -213,6 +216,19 @@ func TestContractQuarkPodLifecycle(t *testing.T) {
 		t.Errorf("sandbox spec does not follow the pod: %+v %+v", spec.Root, spec.Linux)
 	}
 
+	// The sandbox process runs in the pod's cgroup, not the daemon's, and
+	// the bundle tells Quark which it is.
+	podCgroup := path.Join(cgroup.OwnRoot, id, id)
+	if got := cgroupOf(t, int(started.Pid)); got != podCgroup {
+		t.Errorf("sandbox process %d runs in cgroup %s, want the pod's %s", started.Pid, got, podCgroup)
+	}
+	if spec.Linux.CgroupsPath != podCgroup {
+		t.Errorf("sandbox spec's cgroupsPath %q, want %s", spec.Linux.CgroupsPath, podCgroup)
+	}
+	if m, err := r.Ctrl.Metrics(context.Background(), &sandboxapi.ControllerMetricsRequest{SandboxID: id}); err != nil || m.GetMetrics().GetData() == nil {
+		t.Errorf("Metrics of the pod's cgroup: %+v, %v", m, err)
+	}
+
 	// The sandbox process runs with exactly Kuasar's command line, and the
 	// task address is Quark's own socket.
 	sock := filepath.Join(dir, "quark-task.sock")
@@ -367,7 +383,40 @@ func mustJSON(t *testing.T, v any) []byte {
 	return b
 }
 
-// assertNothingLeft: no process naming the pod, no directory, no mount.
+// cgroupOf is the cgroup of process pid: in the pids hierarchy on cgroup
+// v1 hosts, the unified one on v2 hosts.
+func cgroupOf(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	unified := ""
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.SplitN(line, ":", 3)
+		switch {
+		case len(f) != 3:
+		case f[1] == "pids":
+			return f[2]
+		case f[0] == "0" && f[1] == "":
+			unified = f[2]
+		}
+	}
+	return unified
+}
+
+// cgroupExists tells whether cgroup p is there (pids hierarchy on v1).
+func cgroupExists(p string) bool {
+	root := "/sys/fs/cgroup"
+	if _, err := os.Stat(filepath.Join(root, "pids")); err == nil {
+		root = filepath.Join(root, "pids")
+	}
+	_, err := os.Stat(filepath.Join(root, p))
+	return err == nil
+}
+
+// assertNothingLeft: no process naming the pod, no directory, no mount,
+// no cgroup.
 func assertNothingLeft(t *testing.T, r *rig, id string) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
@@ -383,6 +432,9 @@ func assertNothingLeft(t *testing.T, r *rig, id string) {
 			left = append(left, "directory "+r.podDir(id))
 		}
 		left = append(left, mountsBelow(t, r.podDir(id))...)
+		if cg := path.Join(cgroup.OwnRoot, id); cgroupExists(cg) {
+			left = append(left, "cgroup "+cg)
+		}
 		if len(left) == 0 {
 			return
 		}

@@ -29,8 +29,8 @@ type Pod struct {
 	Dir       string
 	NetnsPath string
 	Config    *runtimeapi.PodSandboxConfig
-	// Cgroup is where the engine places the sandbox's processes, when the
-	// engine uses one (gVisor); the family creates and removes its parent.
+	// Cgroup is where the engine places the sandbox's processes, below
+	// the pod's cgroup; the family accounts (Metrics) and removes both.
 	Cgroup string
 	// Running tells whether the sandbox runs (Update may add containers).
 	Running bool
@@ -60,9 +60,6 @@ type Engine interface {
 	// Check reports why the engine cannot run pods on this host (its
 	// binary is missing, say), or nil.
 	Check() error
-	// Cgrouped tells whether the engine places the sandbox in Pod.Cgroup,
-	// which the family then accounts (Metrics) and removes (Shutdown).
-	Cgrouped() bool
 	// Create prepares the pod (bundles, directories) in pod.Dir.
 	Create(ctx context.Context, pod *Pod) error
 	// Start runs the sandbox.

@@ -30,7 +30,8 @@ type state struct {
 	Engine   string `json:"engine"`
 	Platform string `json:"platform,omitempty"`
 	// PodCgroup is the pod's cgroup; the sandbox runs in PodCgroup/<id>
-	// and containers below PodCgroup. Empty for engines without cgroups.
+	// and containers below PodCgroup. Empty for Quark pods created before
+	// Quark sandboxes were placed in it.
 	PodCgroup string `json:"pod_cgroup,omitempty"`
 	// OwnPodCgroup is set when the family chose PodCgroup and so removes it.
 	OwnPodCgroup bool            `json:"own_pod_cgroup,omitempty"`
@@ -167,11 +168,8 @@ func (f *Family) Create(ctx context.Context, sb *store.Sandbox) error {
 			st.Platform = v
 		}
 	}
-	if eng.Cgrouped() {
-		var err error
-		if st.PodCgroup, st.OwnPodCgroup, err = cgroup.PodPath(cfg.GetLinux().GetCgroupParent(), sb.ID); err != nil {
-			return err
-		}
+	if st.PodCgroup, st.OwnPodCgroup, err = cgroup.PodPath(cfg.GetLinux().GetCgroupParent(), sb.ID); err != nil {
+		return err
 	}
 	pod, err := f.pod(sb, st)
 	if err != nil {
