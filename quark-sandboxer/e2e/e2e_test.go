@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
@@ -19,7 +20,9 @@ import (
 
 const handler = "kuasar-quark"
 
-func startEnv(t *testing.T, extraTOML string) *testenv.Env {
+// startEnv runs quark-sandboxer with gVisor by default; top are more
+// top-level config keys, gvisor more keys of [gvisor] (and tables after).
+func startEnv(t *testing.T, top, gvisor string) *testenv.Env {
 	t.Helper()
 	testenv.RequireRoot(t)
 	bin, runsc := testenv.Binary("quark-sandboxer"), testenv.Binary("runsc")
@@ -27,7 +30,7 @@ func startEnv(t *testing.T, extraTOML string) *testenv.Env {
 	return testenv.Start(t, testenv.Options{Sandboxers: []testenv.Sandboxer{{
 		Name:       handler,
 		Binary:     bin,
-		ConfigTOML: fmt.Sprintf("engine = \"gvisor\"\n[gvisor]\nbinary = %q\n%s", runsc, extraTOML),
+		ConfigTOML: fmt.Sprintf("engine = \"gvisor\"\n%s\n[gvisor]\nbinary = %q\n%s", top, runsc, gvisor),
 	}}})
 }
 
@@ -69,7 +72,7 @@ var dmesgRe = regexp.MustCompile(`(?m)^\[\s*[0-9.]+\] .*$`)
 // containers in one sandbox, exit codes of containers, stop and removal,
 // and nothing left behind.
 func TestE2EGVisorPodLifecycle(t *testing.T) {
-	env := startEnv(t, "")
+	env := startEnv(t, "", "")
 	before := env.Snapshot()
 
 	t0 := time.Now()
@@ -158,11 +161,12 @@ func TestE2EGVisorPodLifecycle(t *testing.T) {
 }
 
 // TestE2EGVisorPerPodChoicesAndBadInput: a pod picks its gVisor platform
-// by annotation; an unknown platform, and an engine whose binary is
-// missing, fail RunPodSandbox with the cause; the daemon keeps serving
-// pods and nothing is left behind.
+// by annotation among those allowed; an unknown platform, and an engine
+// whose binary is missing, fail RunPodSandbox with the cause; the daemon
+// keeps serving pods and nothing is left behind.
 func TestE2EGVisorPerPodChoicesAndBadInput(t *testing.T) {
-	env := startEnv(t, "[quark]\nbinary = \"/nonexistent/quark\"\n")
+	env := startEnv(t, `allowed_engines = ["gvisor", "quark"]`,
+		"allowed_platforms = [\"systrap\", \"ptrace\"]\n[quark]\nbinary = \"/nonexistent/quark\"\n")
 	before := env.Snapshot()
 
 	for _, tc := range []struct {
@@ -207,7 +211,7 @@ func TestE2EGVisorPerPodChoicesAndBadInput(t *testing.T) {
 // gets one on stdin and stdout from runsc's console socket; its output
 // reaches the CRI log and its exit code passes through.
 func TestE2EGVisorTerminalContainer(t *testing.T) {
-	env := startEnv(t, "")
+	env := startEnv(t, "", "")
 	before := env.Snapshot()
 	podCfg := env.PodConfig()
 	podID := env.RunPod(t, handler, podCfg)
@@ -217,6 +221,54 @@ func TestE2EGVisorTerminalContainer(t *testing.T) {
 	env.WaitLog(t, podCfg, ctr, "terminal-ok", 20*time.Second)
 	if code := env.WaitContainerExited(t, id, 20*time.Second); code != 4 {
 		t.Errorf("exit code %d, want 4", code)
+	}
+	env.StopRemovePod(t, podID)
+	env.AssertNoLeaks(t, before, 15*time.Second)
+}
+
+// TestHostileTenantQuarkIsolationChoice: a pod's annotations cannot pick
+// an engine or a gVisor platform the operator did not allow (by default
+// only the configured ones): RunPodSandbox fails with PermissionDenied
+// naming the config key, nothing of the pod is left (no netns, cgroup,
+// process, state, mount), and the daemon serves the next pod.
+func TestHostileTenantQuarkIsolationChoice(t *testing.T) {
+	env := startEnv(t, "", "")
+	before := env.Snapshot()
+	podsDir := filepath.Join(env.SandboxerDirs[handler], "pods")
+	for _, tc := range []struct {
+		name        string
+		annotations map[string]string
+		code        codes.Code
+		mention     string
+	}{
+		{name: "engine quark", annotations: map[string]string{sandbox.AnnotationEngine: sandbox.EngineQuark},
+			code: codes.PermissionDenied, mention: "allowed_engines"},
+		{name: "platform kvm", annotations: map[string]string{sandbox.AnnotationPlatform: sandbox.PlatformKVM},
+			code: codes.PermissionDenied, mention: "gvisor.allowed_platforms"},
+		{name: "platform ptrace", annotations: map[string]string{sandbox.AnnotationPlatform: sandbox.PlatformPtrace},
+			code: codes.PermissionDenied, mention: "gvisor.allowed_platforms"},
+		{name: "unknown platform", annotations: map[string]string{sandbox.AnnotationPlatform: "hypervisor"},
+			code: codes.InvalidArgument, mention: `unknown gVisor platform "hypervisor"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := env.PodConfig()
+			cfg.Annotations = tc.annotations
+			id, err := env.TryRunPod(handler, cfg)
+			if err != nil {
+				testenv.WantCode(t, "RunPodSandbox", err, tc.code, tc.mention)
+			} else {
+				t.Errorf("RunPodSandbox with %v: pod %s runs; want %v naming %s", tc.annotations, id, tc.code, tc.mention)
+				env.StopRemovePod(t, id)
+			}
+			if ents, _ := os.ReadDir(podsDir); len(ents) != 0 {
+				t.Errorf("pod directories left: %v", ents)
+			}
+		})
+	}
+	// The daemon still serves pods, on the configured platform.
+	podID := env.RunPod(t, handler, env.PodConfig())
+	if cmd := hostProcessesRunning("runsc-sandbox"); !anyContains(cmd, podID) || !anyContains(cmd, "--platform=systrap") {
+		t.Errorf("no systrap sandbox for pod %s: %v", podID, cmd)
 	}
 	env.StopRemovePod(t, podID)
 	env.AssertNoLeaks(t, before, 15*time.Second)

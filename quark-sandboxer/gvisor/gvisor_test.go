@@ -209,7 +209,10 @@ func TestGVisorPodLifecycle(t *testing.T) {
 // TestGVisorBadInput: requests the daemon must refuse with a clear error
 // and the right code, leaving nothing behind.
 func TestGVisorBadInput(t *testing.T) {
-	r := newRig(t, nil)
+	r := newRig(t, func(c *sandbox.Config) {
+		c.AllowedEngines = []string{sandbox.EngineGVisor, sandbox.EngineQuark}
+		c.GVisor.AllowedPlatforms = []string{sandbox.PlatformSystrap, sandbox.PlatformPtrace}
+	})
 	ctx := context.Background()
 	for _, tc := range []struct {
 		name        string
@@ -220,6 +223,7 @@ func TestGVisorBadInput(t *testing.T) {
 		{name: "unknown engine", annotations: map[string]string{sandbox.AnnotationEngine: "firecracker"}, code: codes.InvalidArgument, mention: `"firecracker"`},
 		{name: "unknown platform", annotations: map[string]string{sandbox.AnnotationPlatform: "hypervisor"}, code: codes.InvalidArgument, mention: `unknown gVisor platform "hypervisor"`},
 		{name: "engine not in this daemon", annotations: map[string]string{sandbox.AnnotationEngine: "quark"}, code: codes.FailedPrecondition, mention: "quark"},
+		{name: "platform not allowed", annotations: map[string]string{sandbox.AnnotationPlatform: sandbox.PlatformKVM}, code: codes.PermissionDenied, mention: "gvisor.allowed_platforms"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			id := "bad-" + strings.ReplaceAll(tc.name, " ", "-")

@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/containerd/errdefs"
+
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 )
 
@@ -30,9 +32,13 @@ type Config struct {
 	daemon.CommonConfig
 	// Engine is the engine of pods that do not name one in the
 	// AnnotationEngine annotation: "gvisor" (default) or "quark".
-	Engine string       `toml:"engine"`
-	GVisor GVisorConfig `toml:"gvisor"`
-	Quark  QuarkConfig  `toml:"quark"`
+	Engine string `toml:"engine"`
+	// AllowedEngines are the engines a pod may choose with the
+	// AnnotationEngine annotation; empty allows Engine only. Pod specs are
+	// not trusted: an annotation only picks among what the operator allows.
+	AllowedEngines []string     `toml:"allowed_engines"`
+	GVisor         GVisorConfig `toml:"gvisor"`
+	Quark          QuarkConfig  `toml:"quark"`
 }
 
 // GVisorConfig configures runsc.
@@ -44,6 +50,9 @@ type GVisorConfig struct {
 	// Platform is systrap (default), ptrace or kvm; a pod may choose its own
 	// with the AnnotationPlatform annotation.
 	Platform string `toml:"platform"`
+	// AllowedPlatforms are the platforms a pod may choose with the
+	// AnnotationPlatform annotation; empty allows Platform only.
+	AllowedPlatforms []string `toml:"allowed_platforms"`
 	// DebugLogDir, when set, turns on runsc's debug logs, one directory per
 	// pod below it (<debug_log_dir>/<pod id>/), kept after the pod.
 	DebugLogDir string `toml:"debug_log_dir"`
@@ -89,10 +98,58 @@ func ValidatePlatform(name string) error {
 	return fmt.Errorf("unknown gVisor platform %q (want %s, %s or %s)", name, PlatformSystrap, PlatformPtrace, PlatformKVM)
 }
 
+// AllowEngine tells whether a pod may choose engine name:
+// InvalidArgument for an unknown engine, PermissionDenied for one the
+// operator did not allow.
+func (c *Config) AllowEngine(name string) error {
+	return allow("engine", "allowed_engines", name, orDefault(c.AllowedEngines, c.Engine), ValidateEngine)
+}
+
+// AllowPlatform tells whether a pod may choose gVisor platform name, as
+// AllowEngine does for engines.
+func (c *Config) AllowPlatform(name string) error {
+	return allow("gVisor platform", "gvisor.allowed_platforms", name, orDefault(c.GVisor.AllowedPlatforms, c.GVisor.Platform), ValidatePlatform)
+}
+
+func orDefault(allowed []string, def string) []string {
+	if len(allowed) == 0 {
+		return []string{def}
+	}
+	return allowed
+}
+
+// allow checks a pod's choice against what the config's key allows.
+func allow(what, key, name string, allowed []string, valid func(string) error) error {
+	if err := valid(name); err != nil {
+		return fmt.Errorf("%v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	if !slices.Contains(allowed, name) {
+		return fmt.Errorf("%s %q is not allowed on this node (%s: %q): %w", what, name, key, allowed, errdefs.ErrPermissionDenied)
+	}
+	return nil
+}
+
+// validateAllowed checks a list of allowed names, which must hold the
+// default.
+func validateAllowed(key string, allowed []string, defKey, def string, valid func(string) error) error {
+	for _, name := range allowed {
+		if err := valid(name); err != nil {
+			return fmt.Errorf("%s: %w", key, err)
+		}
+	}
+	if len(allowed) > 0 && !slices.Contains(allowed, def) {
+		return fmt.Errorf("%s %q must include %s %q", key, allowed, defKey, def)
+	}
+	return nil
+}
+
 // Validate reports impossible values, naming the key.
 func (c *Config) Validate() error {
 	if err := ValidateEngine(c.Engine); err != nil {
 		return fmt.Errorf("engine: %w", err)
+	}
+	if err := validateAllowed("allowed_engines", c.AllowedEngines, "engine", c.Engine, ValidateEngine); err != nil {
+		return err
 	}
 	if c.GVisor.Binary == "" {
 		return fmt.Errorf("gvisor.binary must not be empty")
@@ -102,6 +159,9 @@ func (c *Config) Validate() error {
 	}
 	if err := ValidatePlatform(c.GVisor.Platform); err != nil {
 		return fmt.Errorf("gvisor.platform: %w", err)
+	}
+	if err := validateAllowed("gvisor.allowed_platforms", c.GVisor.AllowedPlatforms, "gvisor.platform", c.GVisor.Platform, ValidatePlatform); err != nil {
+		return err
 	}
 	if c.GVisor.DebugLogDir != "" && !filepath.IsAbs(c.GVisor.DebugLogDir) {
 		return fmt.Errorf("gvisor.debug_log_dir %q must be an absolute path", c.GVisor.DebugLogDir)

@@ -140,8 +140,8 @@ func (f *Family) Create(ctx context.Context, sb *store.Sandbox) error {
 	}
 	st := state{Engine: f.cfg.Engine}
 	if v, ok := annotation(sb, cfg, AnnotationEngine); ok {
-		if err := ValidateEngine(v); err != nil {
-			return fmt.Errorf("annotation %s: %v: %w", AnnotationEngine, err, errdefs.ErrInvalidArgument)
+		if err := f.cfg.AllowEngine(v); err != nil {
+			return fmt.Errorf("annotation %s: %w", AnnotationEngine, err)
 		}
 		st.Engine = v
 	}
@@ -162,8 +162,8 @@ func (f *Family) Create(ctx context.Context, sb *store.Sandbox) error {
 	if st.Engine == EngineGVisor {
 		st.Platform = f.cfg.GVisor.Platform
 		if v, ok := annotation(sb, cfg, AnnotationPlatform); ok {
-			if err := ValidatePlatform(v); err != nil {
-				return fmt.Errorf("annotation %s: %v: %w", AnnotationPlatform, err, errdefs.ErrInvalidArgument)
+			if err := f.cfg.AllowPlatform(v); err != nil {
+				return fmt.Errorf("annotation %s: %w", AnnotationPlatform, err)
 			}
 			st.Platform = v
 		}
