@@ -37,9 +37,27 @@ func consoleLogger(debug bool) *zap.Logger {
 	return zap.New(core).Named("vmm-task")
 }
 
+// A MainOption changes what Main serves.
+type MainOption func(*mainConfig)
+
+type mainConfig struct {
+	wrap func(*Service) vmmtask.AgentService
+}
+
+// WrapService has Main serve what wrap makes of the agent's service: the
+// tests' hostile guest (vmm-sandboxer/e2e/hostileguest) misbehaves that
+// way while the rest of the guest is the real one.
+func WrapService(wrap func(*Service) vmmtask.AgentService) MainOption {
+	return func(c *mainConfig) { c.wrap = wrap }
+}
+
 // Main is PID 1 of the guest. It returns only on a fatal error, after
 // which the caller powers off.
-func Main() error {
+func Main(mopts ...MainOption) error {
+	var mc mainConfig
+	for _, o := range mopts {
+		o(&mc)
+	}
 	// Until /proc is mounted there is no command line to read.
 	warnings, err := MountBase()
 	if err != nil {
@@ -99,7 +117,11 @@ func Main() error {
 	}
 	svc.ServingSince = BootClock()
 	svc.AddWarnings(warnings...)
-	vmmtask.RegisterAgentService(srv, svc)
+	var served vmmtask.AgentService = svc
+	if mc.wrap != nil {
+		served = mc.wrap(svc)
+	}
+	vmmtask.RegisterAgentService(srv, served)
 	log.Info("serving", zap.String("transport", gl.Kind), zap.String("device", gl.Device),
 		zap.Duration("boot", svc.ServingSince))
 	return srv.Serve(context.Background(), l)
