@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/pkg/stdio"
@@ -12,6 +13,7 @@ import (
 	runc "github.com/containerd/go-runc"
 	"golang.org/x/sys/unix"
 
+	"github.com/kuasar-go/kuasar-go/quark-sandboxer/sandbox"
 	"github.com/kuasar-go/kuasar-go/shared/task"
 	"github.com/kuasar-go/kuasar-go/shared/validate"
 )
@@ -77,13 +79,17 @@ func (rt *Runtime) Restore(ctx context.Context, data []byte) (task.Container, er
 	if err := r.validate(); err != nil {
 		return nil, fmt.Errorf("runsc container record: %w", err)
 	}
+	args, err := rt.runscArgs(&r)
+	if err != nil {
+		return nil, fmt.Errorf("runsc container record: %w", err)
+	}
 	rc := &runc.Runc{
 		Command:      r.Runsc.Binary,
 		Root:         r.Runsc.Root,
 		Log:          filepath.Join(r.Bundle, "log.json"),
 		LogFormat:    runc.JSON,
 		PdeathSignal: unix.SIGKILL,
-		ExtraArgs:    r.Runsc.Args,
+		ExtraArgs:    args,
 	}
 	stdioOf := r.Stdio
 	stdioOf.Terminal = false
@@ -94,8 +100,17 @@ func (rt *Runtime) Restore(ctx context.Context, data []byte) (task.Container, er
 	}
 	if r.Exited {
 		init.Init.SetExited(r.ExitStatus)
+		init.exitedAt = r.ExitedAt
 	}
 	return &container{id: r.ID, bundle: r.Bundle, sandboxID: r.SandboxID, init: init, log: rt.log}, nil
+}
+
+// ExitedAt implements process.Process.
+func (p *initProcess) ExitedAt() time.Time {
+	if !p.exitedAt.IsZero() {
+		return p.exitedAt
+	}
+	return p.Init.ExitedAt()
 }
 
 func (r record) validate() error {
@@ -108,10 +123,8 @@ func (r record) validate() error {
 	if err := validate.ID("sandbox", r.SandboxID); err != nil {
 		return err
 	}
-	for name, p := range map[string]string{"bundle": r.Bundle, "runsc binary": r.Runsc.Binary, "runsc root": r.Runsc.Root} {
-		if err := validate.AbsPath(name, p); err != nil {
-			return err
-		}
+	if err := validate.AbsPath("bundle", r.Bundle); err != nil {
+		return err
 	}
 	if r.Rootfs != "" && r.Rootfs != filepath.Join(r.Bundle, "rootfs") {
 		return fmt.Errorf("rootfs %q is not the bundle's: %w", r.Rootfs, errdefs.ErrInvalidArgument)
@@ -123,4 +136,30 @@ func (r record) validate() error {
 		return fmt.Errorf("exit status %d: %w", r.ExitStatus, errdefs.ErrInvalidArgument)
 	}
 	return nil
+}
+
+// runscArgs checks that the record names the engine's runsc and root and
+// returns the global flags the engine gives the container's pod. Of the
+// recorded flags only the pod's platform and network mode count; the rest
+// is the configuration's, never a record's (a flag can name a file runsc
+// writes, or another root).
+func (rt *Runtime) runscArgs(r *record) ([]string, error) {
+	if r.Runsc.Binary != rt.engine.Binary() || r.Runsc.Root != rt.engine.root {
+		return nil, fmt.Errorf("runsc %q with root %q, not the daemon's %q with root %q: %w",
+			r.Runsc.Binary, r.Runsc.Root, rt.engine.Binary(), rt.engine.root, errdefs.ErrInvalidArgument)
+	}
+	pod := &sandbox.Pod{ID: r.SandboxID}
+	for _, a := range r.Runsc.Args {
+		if p, ok := strings.CutPrefix(a, "--platform="); ok {
+			pod.Platform = p
+		} else if a == "--network=sandbox" {
+			// The flags tell that the pod has a network namespace of its
+			// own, not its path; the engine's flags need no more.
+			pod.NetnsPath = "(recorded)"
+		}
+	}
+	if err := sandbox.ValidatePlatform(pod.Platform); err != nil {
+		return nil, fmt.Errorf("%v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	return rt.engine.args(pod), nil
 }

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/process"
@@ -195,6 +196,9 @@ type initProcess struct {
 	startTime uint64 // the waiter's (task.StartTimer)
 	started   bool
 	paused    bool
+	// exitedAt is the recorded exit of a container restored exited:
+	// process.Init's SetExited takes the time of the call.
+	exitedAt time.Time
 }
 
 // StartTime implements task.StartTimer: the waiter's start time.
@@ -253,6 +257,13 @@ func openIO(s stdio.Stdio) (files [3]*os.File, err error) {
 		fd, err := unix.Open(path, flag|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 		if err != nil {
 			return nil, fmt.Errorf("open %s: %w", path, err)
+		}
+		// containerd's stdio are FIFOs; a restored container's come from
+		// its record, which must not make the workload write any file.
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+			unix.Close(fd)
+			return nil, fmt.Errorf("%s is not a FIFO: %w", path, errdefs.ErrInvalidArgument)
 		}
 		if err := unix.SetNonblock(fd, false); err != nil {
 			unix.Close(fd)
