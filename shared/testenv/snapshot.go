@@ -11,6 +11,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/kuasar-go/kuasar-go/shared/cgroup"
 )
 
 // Snap is what this machine had at one moment, restricted to the things a
@@ -251,6 +253,11 @@ func (s *Snap) readCgroups() {
 				return nil
 			}
 			n := de.Name()
+			// The sandboxers' common parent of pods without a cgroup
+			// parent stays once made, like kubelet's kubepods.
+			if strings.TrimPrefix(p, root) == cgroup.OwnRoot {
+				return nil
+			}
 			if hex64.MatchString(n) || strings.Contains(n, "kuasar") {
 				s.Cgroups[p] = true
 			}

@@ -136,10 +136,11 @@ func TestHostileGuest(t *testing.T) {
 	testenv.RequireRoot(t)
 	kernel, _ := guestImage(t)
 	initrd := hostileImage(t)
+	testenv.BootsVMs(t)
 	bin := testenv.Binary("vmm-sandboxer")
 	testenv.RequireFiles(t, bin)
 	env := testenv.Start(t, testenv.Options{Sandboxers: []testenv.Sandboxer{
-		{Name: handler, Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "", 240, "")},
+		{Name: handler, Binary: bin, ConfigTOML: vmmConfig(kernel, initrd, "", bootTimeout, "")},
 	}})
 	t.Cleanup(func() {
 		if !t.Failed() && os.Getenv("KUASAR_SHOW_CONSOLE") == "" {

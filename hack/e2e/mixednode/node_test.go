@@ -54,6 +54,10 @@ type node struct {
 	env         *testenv.Env
 	guestKernel string // release of the VM's kernel, from its boot header
 	fams        []family
+	// eventsLink is a symlink to env.Dir through which the sandboxers
+	// reach containerd (--containerd-address), so that holdEvents can cut
+	// them off its event service.
+	eventsLink string
 }
 
 // family is one sandbox family's pod of a round: the handler, the pod's
@@ -79,12 +83,13 @@ type family struct {
 
 // familyCommands are what the fault tests run in a family's containers.
 type familyCommands struct {
-	forever, short, ticker, after, exec []string
+	forever, short, late, ticker, after, exec []string
 }
 
 var shellCommands = familyCommands{
 	forever: []string{"sleep", "3600"},
 	short:   []string{"sh", "-c", "sleep 2; exit 42"},
+	late:    []string{"sh", "-c", "sleep 25; exit 43"},
 	ticker:  []string{"sh", "-c", "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done"},
 	after:   []string{"sh", "-c", "echo after-restart"},
 	exec:    []string{"sh", "-c", "echo alive; exit 5"},
@@ -93,6 +98,7 @@ var shellCommands = familyCommands{
 var wasmCommands = familyCommands{
 	forever: []string{"forever"},
 	short:   []string{"sleep", "2", "exit", "42"},
+	late:    []string{"sleep", "25", "exit", "43"},
 	ticker:  []string{"ticks"},
 	after:   []string{"echo", "after-restart"},
 	exec:    []string{"/app.wasm", "echo", "alive", "exit", "5"},
@@ -175,28 +181,57 @@ func startNode(t *testing.T) *node {
 		t.Fatalf("build wasm image: %v", wasmErr)
 	}
 	t0 := time.Now()
+	// Made before the env, so removed after it.
+	link := filepath.Join(t.TempDir(), "containerd")
+	via := []string{"--containerd-address", filepath.Join(link, "containerd.sock.ttrpc")}
 	env := testenv.Start(t, testenv.Options{
 		Sandboxers: []testenv.Sandboxer{
-			{Name: runcHandler, Binary: bins["runc-sandboxer"]},
+			{Name: runcHandler, Binary: bins["runc-sandboxer"], Args: via},
 			{
-				Name: wasmHandler, Binary: bins["wasm-sandboxer"],
+				Name: wasmHandler, Binary: bins["wasm-sandboxer"], Args: via,
 				RuntimeTOML: "  pod_annotations = [\"wasm.kuasar-go.io/*\"]\n  container_annotations = [\"wasm.kuasar-go.io/*\"]",
 			},
 			{
-				Name: quarkHandler, Binary: bins["quark-sandboxer"],
+				Name: quarkHandler, Binary: bins["quark-sandboxer"], Args: via,
 				ConfigTOML: fmt.Sprintf("engine = \"gvisor\"\n[gvisor]\nbinary = %q\nplatform = \"systrap\"\n", bins["runsc"]),
 			},
 			{
-				Name: vmmHandler, Binary: bins["vmm-sandboxer"],
-				ConfigTOML: fmt.Sprintf("[guest]\nkernel = %q\ninitrd = %q\nboot_timeout_seconds = 240\n", kernel, initrd),
+				Name: vmmHandler, Binary: bins["vmm-sandboxer"], Args: via,
+				// Below the CRI call's timeout: a slow boot fails with the
+				// daemon's error and the guest's console.
+				ConfigTOML: fmt.Sprintf("[guest]\nkernel = %q\ninitrd = %q\nboot_timeout_seconds = %d\n", kernel, initrd,
+					int((testenv.CallTimeout-20*time.Second)/time.Second)),
 			},
 		},
 		// wasm-sandboxer's compiled-module cache is the daemon's to keep.
 		LeakIgnore: []string{`/` + wasmHandler + `/(cache|modules)(/|$)`},
 	})
+	// Nothing dials it before a pod runs.
+	if err := os.Symlink(env.Dir, link); err != nil {
+		t.Fatal(err)
+	}
 	env.ImportImage(t, wasmTar, testenv.WasmImage)
 	t.Logf("node: containerd + 4 sandboxers up, images imported in %v", time.Since(t0).Round(time.Millisecond))
-	return &node{env: env, guestKernel: release, fams: families(release)}
+	return &node{env: env, guestKernel: release, fams: families(release), eventsLink: link}
+}
+
+// holdEvents cuts the sandboxers off containerd's event service until
+// release: a test can subscribe to containerd's events before the
+// sandboxers deliver what they held meanwhile.
+func (n *node) holdEvents(t *testing.T) (release func()) {
+	if err := os.Remove(n.eventsLink); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	release = func() {
+		once.Do(func() {
+			if err := os.Symlink(n.env.Dir, n.eventsLink); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	t.Cleanup(release)
+	return release
 }
 
 func families(guestKernel string) []family {
