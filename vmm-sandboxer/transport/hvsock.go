@@ -35,8 +35,11 @@ func (d *HybridVsockDialer) Dial(ctx context.Context, port uint32) (net.Conn, er
 		if err == nil || errors.Is(err, ErrHybridVsockProtocol) {
 			return c, err
 		}
-		if last == nil || ctx.Err() == nil {
-			last = err // a try that ctx cut short tells less than the one before
+		// A try that ctx cut short (its deadline reads as a timeout, which
+		// can come just before ctx.Err says so) tells less than the one
+		// before.
+		if ne := net.Error(nil); last == nil || ctx.Err() == nil && !(errors.As(err, &ne) && ne.Timeout()) {
+			last = err
 		}
 		select {
 		case <-ctx.Done():
