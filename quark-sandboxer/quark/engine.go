@@ -186,23 +186,26 @@ func (e *Engine) Start(ctx context.Context, pod *sandbox.Pod) (*sandbox.Started,
 		w.Cancel()
 		return nil, fmt.Errorf("quark sandbox succeeded but %v: %w", err, errdefs.ErrInternal)
 	}
+	// Who the PID names now, before the process can end and its PID be
+	// reused: a kill below must reach this process or none.
+	h := holder.Holder{Pid: pid, StartTime: startTimeOf(pid)}
 	exited := w.Pid(pid)
 	// The keeper started `quark sandbox` in the daemon's cgroup; the
 	// sandbox goes to the pod's, under the limits kubelet set there.
 	if err := cg.Add(pid); err != nil {
-		e.kill(pid, exited)
+		e.kill(h, exited)
 		return nil, fmt.Errorf("place the Quark sandbox %d in the pod's cgroup: %w", pid, err)
 	}
 	if _, err := os.Stat(sock); err != nil {
-		e.kill(pid, exited)
+		e.kill(h, exited)
 		return nil, fmt.Errorf("quark sandbox %d serves no task socket at %s: %w", pid, sock, errdefs.ErrInternal)
 	}
 	e.log.Debug("Quark sandbox running", zap.String("sandbox", pod.ID), zap.Int("pid", pid))
 	return &sandbox.Started{Pid: pid, Address: "ttrpc+unix://" + sock, Version: taskAPIVersion, Exited: exited}, nil
 }
 
-func (e *Engine) kill(pid int, exited <-chan controller.Exit) {
-	holder.Stop(holder.Holder{Pid: pid, StartTime: startTimeOf(pid)}, 0)
+func (e *Engine) kill(h holder.Holder, exited <-chan controller.Exit) {
+	holder.Stop(h, 0)
 	select {
 	case <-exited:
 	case <-time.After(10 * time.Second):

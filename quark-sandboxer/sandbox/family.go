@@ -22,6 +22,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/controller"
 	"github.com/kuasar-go/kuasar-go/shared/holder"
 	"github.com/kuasar-go/kuasar-go/shared/proc"
+	"github.com/kuasar-go/kuasar-go/shared/safemount"
 	"github.com/kuasar-go/kuasar-go/shared/store"
 )
 
@@ -313,9 +314,16 @@ func (f *Family) Update(ctx context.Context, sb *store.Sandbox, upd *types.Sandb
 	return uerr
 }
 
-// Unmount lazily unmounts every mount at or below dir, deepest first, and
-// fails if one stays.
+// Unmount lazily unmounts every mount at or below dir, and fails if one
+// stays. Mounts below dir may lie in a container's root file system, which
+// the tenant writes: they are reached from a descriptor of dir without
+// following any symlink (a tenant's swap makes the unmount fail, never land
+// outside), shallowest first, so that one detach takes what is mounted
+// below it.
 func Unmount(dir string) error {
+	if err := unmountDir(dir); err != nil {
+		return err
+	}
 	for i := 0; i < 5; i++ {
 		mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
 		if err != nil {
@@ -324,15 +332,39 @@ func Unmount(dir string) error {
 		if len(mounts) == 0 {
 			return nil
 		}
-		sort.Slice(mounts, func(i, j int) bool { return len(mounts[i].Mountpoint) > len(mounts[j].Mountpoint) })
+		sort.Slice(mounts, func(i, j int) bool { return len(mounts[i].Mountpoint) < len(mounts[j].Mountpoint) })
+		d, err := safemount.OpenDir(dir)
+		if err != nil {
+			return err
+		}
 		for _, m := range mounts {
-			if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil &&
-				!errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-				return fmt.Errorf("unmount %s: %w", m.Mountpoint, err)
+			rel, err := filepath.Rel(dir, m.Mountpoint)
+			if err != nil || rel == "." {
+				continue
+			}
+			if err := safemount.Unmount(d, rel); err != nil {
+				d.Close()
+				return err
 			}
 		}
+		d.Close()
 	}
 	return fmt.Errorf("mounts stay below %s", dir)
+}
+
+// unmountDir detaches what is mounted on dir itself (a path of the
+// daemon's own).
+func unmountDir(dir string) error {
+	for {
+		err := unix.Unmount(dir, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
+		switch {
+		case err == nil:
+		case errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENOENT):
+			return nil
+		default:
+			return fmt.Errorf("unmount %s: %w", dir, err)
+		}
+	}
 }
 
 // RemoveDir removes dir after unmounting whatever is mounted below it, so
