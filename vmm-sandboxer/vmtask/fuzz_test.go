@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/containerd/containerd/v2/pkg/identifiers"
+	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/kuasar-go/kuasar-go/shared/validate"
@@ -101,6 +103,57 @@ func FuzzGuestSpec(f *testing.F) {
 		}
 		if binds != len(exposedSrc) {
 			t.Fatalf("%d bind mounts, %d exposed", binds, len(exposedSrc))
+		}
+	})
+}
+
+// FuzzContainerRecord decodes the record of a container a restarted daemon
+// finds beside a pod. A refused record is InvalidArgument. An accepted one
+// is the container's, names an absolute bundle and a valid namespace,
+// absolute stdio paths (they are opened) and mount points that are each
+// one name strictly inside the container's directory in the share (what
+// is unmounted and removed there when the container goes), and it is
+// written back as it was read.
+func FuzzContainerRecord(f *testing.F) {
+	f.Add([]byte(`{"id":"c1","bundle":"/run/containerd/io.containerd.runtime.v2.task/k8s.io/c1","namespace":"k8s.io",`+
+		`"mounts":["rootfs","0-hosts","1-data"],"stdout":"/run/containerd/fifo/1/c1-stdout","stderr":"/run/containerd/fifo/1/c1-stderr","pid":7}`), "c1")
+	f.Add([]byte(`{"id":"c1","bundle":"/b","namespace":"default","mounts":["/run/kuasar/shared/c1/rootfs"],"stdin":"/f/in","terminal":true,"pid":1}`), "c1")
+	f.Add([]byte(`{"id":"c1","bundle":"/b","namespace":"default","mounts":[]}`), "c1")
+	f.Fuzz(func(t *testing.T, data []byte, id string) {
+		if validate.ID("container", id) != nil {
+			return
+		}
+		dir := path.Join(fuzzShare, id)
+		r, err := decodeRecord(data, id, dir)
+		if err != nil {
+			if !errdefs.IsInvalidArgument(err) {
+				t.Fatalf("refused with %v, not InvalidArgument", err)
+			}
+			return
+		}
+		if r.ID != id {
+			t.Fatalf("the record of %s holds %q", id, r.ID)
+		}
+		if validate.AbsPath("bundle", r.Bundle) != nil || identifiers.Validate(r.Namespace) != nil {
+			t.Fatalf("bundle %q, namespace %q", r.Bundle, r.Namespace)
+		}
+		for _, p := range []string{r.Stdin, r.Stdout, r.Stderr} {
+			if p != "" && validate.AbsPath("stdio", p) != nil {
+				t.Fatalf("stdio path %q", p)
+			}
+		}
+		for _, m := range r.Mounts {
+			if p := path.Join(dir, m); path.Dir(p) != dir || p == dir || m != path.Base(p) {
+				t.Fatalf("mount point %q is %s, not a name in %s", m, p, dir)
+			}
+		}
+		b, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := decodeRecord(b, id, dir)
+		if err != nil || !reflect.DeepEqual(r, again) {
+			t.Fatalf("record written back as %s reads as %+v, %v; want %+v", b, again, err, r)
 		}
 	})
 }

@@ -13,6 +13,7 @@ import (
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/core/runtime"
+	"github.com/containerd/containerd/v2/pkg/identifiers"
 	"github.com/containerd/containerd/v2/pkg/protobuf"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -90,26 +91,61 @@ func (s *Service) Restore(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// decodeRecord reads the record of container id, whose directory in the
+// share is dir: InvalidArgument for what a restarted daemon cannot trust.
+// Its mount points come back as names in dir (records of earlier versions
+// hold absolute paths): each is unmounted and removed there when the
+// container goes, so none may be dir itself.
+func decodeRecord(b []byte, id, dir string) (record, error) {
+	bad := func(format string, args ...any) (record, error) {
+		return record{}, fmt.Errorf("%s: %w", fmt.Sprintf(format, args...), errdefs.ErrInvalidArgument)
+	}
+	var r record
+	if err := json.Unmarshal(b, &r); err != nil {
+		return bad("%v", err)
+	}
+	if r.ID != id {
+		return bad("holds container %q", r.ID)
+	}
+	if err := validate.AbsPath("bundle", r.Bundle); err != nil {
+		return record{}, err
+	}
+	if err := identifiers.Validate(r.Namespace); err != nil {
+		return bad("namespace: %v", err)
+	}
+	for _, p := range []string{r.Stdin, r.Stdout, r.Stderr} {
+		if p != "" {
+			if err := validate.AbsPath("stdio", p); err != nil {
+				return record{}, err
+			}
+		}
+	}
+	mounts := r.Mounts
+	r.Mounts = nil
+	for _, m := range mounts {
+		if filepath.IsAbs(m) {
+			m, _ = filepath.Rel(dir, m)
+		}
+		if !filepath.IsLocal(m) || m == "." || strings.ContainsRune(m, '/') {
+			return bad("mount point %q is not in the container's directory", m)
+		}
+		r.Mounts = append(r.Mounts, m)
+	}
+	return r, nil
+}
+
 func (s *Service) restoreOne(ctx context.Context, id string) error {
 	b, err := os.ReadFile(s.recordPath(id))
 	if err != nil {
 		return err
 	}
-	var r record
-	if err := json.Unmarshal(b, &r); err != nil || r.ID != id {
-		return fmt.Errorf("record %s: %v", s.recordPath(id), err)
+	dir := filepath.Join(s.share.HostDir, id)
+	r, err := decodeRecord(b, id, dir)
+	if err != nil {
+		return fmt.Errorf("record %s: %w", s.recordPath(id), err)
 	}
-	c := &container{id: r.ID, bundle: r.Bundle, namespace: r.Namespace, dir: filepath.Join(s.share.HostDir, r.ID),
+	c := &container{id: r.ID, bundle: r.Bundle, namespace: r.Namespace, dir: dir, mounts: r.Mounts,
 		execs: map[string]*process{}}
-	for _, m := range r.Mounts {
-		if filepath.IsAbs(m) {
-			m, _ = filepath.Rel(c.dir, m)
-		}
-		if !filepath.IsLocal(m) || strings.ContainsRune(m, '/') {
-			return fmt.Errorf("record %s: mount point %q is not in the container's directory", s.recordPath(id), m)
-		}
-		c.mounts = append(c.mounts, m)
-	}
 	st, err := s.agent.ProcessState(ctx, &vmmtask.ProcessStateRequest{ContainerId: id})
 	if errdefs.IsNotFound(errgrpc.ToNative(err)) {
 		s.log.Info("container gone from the guest; releasing it", zap.String("container", id))
