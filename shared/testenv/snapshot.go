@@ -147,7 +147,7 @@ func (s *Snap) readProcesses() {
 				}
 			}
 		}
-		if !ours {
+		if !ours || otherTest(pid, self) {
 			continue
 		}
 		if len(cmdline) > 200 {
@@ -158,6 +158,36 @@ func (s *Snap) readProcesses() {
 		}
 		s.Processes[pid] = fmt.Sprintf("%s (%s)%s", comm, cmdline, where)
 	}
+}
+
+// otherTest reports whether pid is, or descends from, the binary of another
+// package's tests (go test runs packages in parallel): its runtimes,
+// engines and VMs are that test's to account for.
+func otherTest(pid, self int) bool {
+	for i := 0; i < 16 && pid > 1; i++ {
+		if pid == self {
+			return false
+		}
+		if argv0, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil {
+			if a0, _, _ := bytes.Cut(argv0, []byte{0}); strings.HasSuffix(string(a0), ".test") {
+				return true
+			}
+		}
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return false
+		}
+		i := bytes.LastIndexByte(stat, ')')
+		if i < 0 {
+			return false
+		}
+		f := strings.Fields(string(stat[i+1:]))
+		if len(f) < 2 {
+			return false
+		}
+		pid, _ = strconv.Atoi(f[1])
+	}
+	return false
 }
 
 func (s *Snap) readMounts() {

@@ -63,3 +63,33 @@ func TestParseCRILog(t *testing.T) {
 		t.Errorf("stderr = %q", got)
 	}
 }
+
+// Processes of another package's test binary, and their children, are
+// that test's; this test's own children are this test's.
+func TestOtherTest(t *testing.T) {
+	sleep, err := exec.LookPath("sleep")
+	if err != nil {
+		t.Skip("no sleep")
+	}
+	other := filepath.Join(t.TempDir(), "other.test")
+	b, err := os.ReadFile(sleep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(other, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		bin  string
+		want bool
+	}{{sleep, false}, {other, true}} {
+		cmd := exec.Command(tc.bin, "30")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		if got := otherTest(cmd.Process.Pid, os.Getpid()); got != tc.want {
+			t.Errorf("otherTest(%s) = %v, want %v", filepath.Base(tc.bin), got, tc.want)
+		}
+	}
+}
