@@ -556,11 +556,11 @@ func (e *Env) KillSandboxer(t testing.TB, name string, down time.Duration) {
 }
 
 // RestartContainerd stops containerd with SIGTERM (the sandboxers and
-// their pods go on) and starts it again on the same root, returning once
-// CRI serves.
-func (e *Env) RestartContainerd(t testing.TB) {
+// their pods go on), waits down and starts it again on the same root,
+// returning once CRI serves.
+func (e *Env) RestartContainerd(t testing.TB, down time.Duration) {
 	t.Helper()
-	e.restartDaemons(t, []string{"containerd"}, 0, syscall.SIGTERM, func(string) error { return e.waitCRIReady(60 * time.Second) })
+	e.restartDaemons(t, []string{"containerd"}, down, syscall.SIGTERM, func(string) error { return e.waitCRIReady(60 * time.Second) })
 }
 
 func (e *Env) restartDaemons(t testing.TB, names []string, down time.Duration, sig syscall.Signal, ready func(name string) error) {
