@@ -131,28 +131,46 @@ func (s *Store) LoadAll() ([]*Sandbox, error) {
 			errs = append(errs, err)
 			continue
 		}
-		var sb Sandbox
-		if err := json.Unmarshal(data, &sb); err != nil {
-			errs = append(errs, fmt.Errorf("decode %s: %w", name, err))
+		sb, err := decode(name, data)
+		if err != nil {
+			errs = append(errs, err)
 			continue
 		}
-		if sb.Format > FormatVersion {
-			errs = append(errs, fmt.Errorf("%s has format %d, newer than %d: %w", name, sb.Format, FormatVersion, errdefs.ErrNotImplemented))
-			continue
-		}
-		if sb.ID+suffix != name {
-			errs = append(errs, fmt.Errorf("%s holds sandbox %q", name, sb.ID))
-			continue
-		}
-		// ".json" and "..json" would otherwise load as sandboxes "" and
-		// ".", whose directories are the daemon's own.
-		if err := validate.ID("sandbox", sb.ID); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", name, err))
-			continue
-		}
-		out = append(out, &sb)
+		out = append(out, sb)
 	}
 	return out, errors.Join(errs...)
+}
+
+// decode reads the state file name: InvalidArgument for what a restarted
+// daemon cannot trust, NotImplemented for a newer format.
+func decode(name string, data []byte) (*Sandbox, error) {
+	var sb Sandbox
+	if err := json.Unmarshal(data, &sb); err != nil {
+		return nil, fmt.Errorf("decode %s: %v: %w", name, err, errdefs.ErrInvalidArgument)
+	}
+	if sb.Format > FormatVersion {
+		return nil, fmt.Errorf("%s has format %d, newer than %d: %w", name, sb.Format, FormatVersion, errdefs.ErrNotImplemented)
+	}
+	if sb.ID+suffix != name {
+		return nil, fmt.Errorf("%s holds sandbox %q: %w", name, sb.ID, errdefs.ErrInvalidArgument)
+	}
+	// ".json" and "..json" would otherwise load as sandboxes "" and
+	// ".", whose directories are the daemon's own.
+	if err := validate.ID("sandbox", sb.ID); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	switch sb.State {
+	case StateCreated, StateRunning, StateStopped:
+	default:
+		// The controller would take any other for running and reattach.
+		return nil, fmt.Errorf("%s: sandbox %s in unknown state %q: %w", name, sb.ID, sb.State, errdefs.ErrInvalidArgument)
+	}
+	if sb.NetnsPath != "" {
+		if err := validate.AbsPath("netns", sb.NetnsPath); err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	return &sb, nil
 }
 
 // WriteFileAtomic writes data to path through a root-only temporary file in
