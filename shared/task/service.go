@@ -577,6 +577,18 @@ func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 		return nil, err
 	}
 	pids, err := c.Container.Pids(ctx)
+	if len(pids) == 0 {
+		// A container whose init has exited and is not deleted still
+		// names it: containerd, loading tasks after its restart, deletes
+		// one that lists no process as a leaked shim's (containerd#6860),
+		// and CRI would then report the container's exit as 255, Unknown,
+		// instead of its real code.
+		if init, perr := c.Container.Process(""); perr == nil && init.Pid() > 0 {
+			if st, _ := init.Status(ctx); st == "stopped" {
+				pids, err = []int{init.Pid()}, nil
+			}
+		}
+	}
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}

@@ -703,6 +703,15 @@ func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 		}
 		p.mu.Unlock()
 	}
+	if len(resp.Processes) == 0 {
+		// An exited init still names itself until deleted: see
+		// shared/task.Service.Pids (containerd#6860).
+		c.init.mu.Lock()
+		if c.init.status == statusStopped && c.init.pid > 0 {
+			resp.Processes = append(resp.Processes, &apitask.ProcessInfo{Pid: c.init.pid})
+		}
+		c.init.mu.Unlock()
+	}
 	return resp, nil
 }
 
