@@ -93,6 +93,9 @@ type Init struct {
 	startTime uint64
 	stdio     stdio.Stdio
 	io        procIO
+	// prep is what the hook prepared, until Start or Delete; nil without a
+	// hook or after a daemon restart.
+	prep *Prepared
 }
 
 // Exec is a process exec'd into a container.
@@ -167,6 +170,15 @@ func (p *Init) Start(ctx context.Context) error {
 		return p.c.runtimeError(err, "OCI runtime start failed")
 	}
 	p.state = stateRunning
+	prep := p.prep
+	p.prep = nil
+	if err := prep.ready(ctx); err != nil {
+		// It runs but cannot do its job: it must not go on.
+		if kerr := p.c.kill(context.WithoutCancel(ctx), uint32(unix.SIGKILL), false); kerr != nil && !errors.Is(kerr, errdefs.ErrNotFound) {
+			p.c.rt.log.Warn("kill a container that did not get ready", zap.String("container", p.c.id), zap.Error(kerr))
+		}
+		return err
+	}
 	return nil
 }
 
@@ -206,6 +218,8 @@ func (p *Init) Delete(ctx context.Context) error {
 	if err := p.c.destroy(context.WithoutCancel(ctx), false); err != nil {
 		return err
 	}
+	p.prep.release()
+	p.prep = nil
 	if p.state == stateCreated {
 		// runc delete killed it; its exit, if delivered at all, comes after
 		// the delete, too late for Wait.
@@ -343,6 +357,16 @@ func (e *Exec) Start(ctx context.Context) error {
 func (e *Exec) start(ctx context.Context) error {
 	pidFile := e.c.execPidFile(e.id)
 	opts := &runc.ExecOpts{PidFile: pidFile, Detach: true}
+	spec := e.spec
+	var prep *Prepared
+	if e.c.rt.hook != nil {
+		var err error
+		if spec, prep, err = e.c.rt.prepareExec(ctx, e.c.bundle, spec); err != nil {
+			return err
+		}
+		defer prep.release()
+		opts.ExtraArgs = preserveFds(prep.Files)
+	}
 	pio, socket, err := e.c.rt.prepareIO(e.stdio, e.c.ioUID, e.c.ioGID)
 	if err != nil {
 		return fmt.Errorf("exec %s io: %w", e.id, err)
@@ -355,7 +379,12 @@ func (e *Exec) start(ctx context.Context) error {
 		defer socket.Close()
 		opts.ConsoleSocket = socket
 	}
-	if err := e.c.runc.Exec(ctx, e.c.id, e.spec, opts); err != nil {
+	if prep != nil {
+		opts.IO = withFiles{IO: opts.IO, files: prep.Files}
+	}
+	err = e.c.runc.Exec(ctx, e.c.id, spec, opts)
+	prep.closeFiles() // the process has them, or runc failed
+	if err != nil {
 		return e.c.runtimeError(err, "OCI runtime exec failed")
 	}
 	if pio != nil {
@@ -377,6 +406,11 @@ func (e *Exec) start(ctx context.Context) error {
 			_ = proc.Signal(pid, st, unix.SIGKILL)
 			return err
 		}
+	}
+	if err := prep.ready(ctx); err != nil {
+		// It runs but cannot do its job: it must not go on.
+		_ = proc.Signal(pid, st, unix.SIGKILL)
+		return err
 	}
 	return nil
 }

@@ -78,10 +78,11 @@ type Runtime struct {
 	// platform copies terminal consoles, as in the shim.
 	platform stdio.Platform
 	log      *zap.Logger
+	hook     Hook // nil: processes run as containerd asked
 }
 
 // NewRuntime returns a runtime driving cfg's CLI.
-func NewRuntime(cfg task.RuntimeConfig, log *zap.Logger) (*Runtime, error) {
+func NewRuntime(cfg task.RuntimeConfig, log *zap.Logger, opts ...Option) (*Runtime, error) {
 	cfg, err := cfg.WithDefaults()
 	if err != nil {
 		return nil, err
@@ -93,11 +94,15 @@ func NewRuntime(cfg task.RuntimeConfig, log *zap.Logger) (*Runtime, error) {
 	if err != nil {
 		return nil, fmt.Errorf("console platform: %w", err)
 	}
-	return &Runtime{
+	rt := &Runtime{
 		cfg:      cfg,
 		platform: platform,
 		log:      log,
-	}, nil
+	}
+	for _, o := range opts {
+		o(rt)
+	}
+	return rt, nil
 }
 
 // Close stops console copying; containers keep running.
@@ -173,6 +178,7 @@ func (rt *Runtime) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ 
 	}
 	c.init = &Init{c: c, exitState: newExitState(stateCreated), stdio: sio}
 	if err := c.init.create(ctx, opts); err != nil {
+		c.init.prep.release()
 		// Force: a created container's init is running (runc init).
 		if derr := c.destroy(context.WithoutCancel(ctx), true); derr != nil {
 			rt.log.Warn("clean up failed create", zap.String("container", r.ID), zap.Error(derr))
@@ -183,11 +189,22 @@ func (rt *Runtime) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ 
 	return c, nil
 }
 
-// create runs `runc create` and records the init's PID and start time.
+// create runs `runc create` (on the spec the hook adapted) and records the
+// init's PID and start time.
 func (p *Init) create(ctx context.Context, opts *options.Options) error {
 	c := p.c
 	pidFile := filepath.Join(c.bundle, initPidFile)
 	copts := &runc.CreateOpts{PidFile: pidFile, NoPivot: c.noPivotRoot, NoNewKeyring: c.noNewKeyring}
+	if c.rt.hook != nil {
+		prep, err := c.rt.prepareInit(ctx, c.bundle)
+		if err != nil {
+			return err
+		}
+		p.prep = prep
+		// runc init holds them once runc create returns.
+		defer prep.closeFiles()
+		copts.ExtraFiles = prep.Files
+	}
 	pio, socket, err := c.rt.prepareIO(p.stdio, c.ioUID, c.ioGID)
 	if err != nil {
 		return fmt.Errorf("container io: %w", err)
