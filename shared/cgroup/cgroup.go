@@ -32,15 +32,18 @@ type Group struct {
 func unified() bool { return cgroups.Mode() == cgroups.Unified }
 
 // New creates the cgroup at path (idempotent).
-func New(path string) (*Group, error) {
+func New(path string) (*Group, error) { return NewLimited(path, &specs.LinuxResources{}) }
+
+// NewLimited creates the cgroup at path with res's limits (idempotent).
+func NewLimited(path string, res *specs.LinuxResources) (*Group, error) {
 	if unified() {
-		m, err := cgroup2.NewManager("/sys/fs/cgroup", path, &cgroup2.Resources{})
+		m, err := cgroup2.NewManager("/sys/fs/cgroup", path, cgroup2.ToResources(res))
 		if err != nil {
 			return nil, fmt.Errorf("create cgroup %s: %w", path, err)
 		}
 		return &Group{path: path, v2: m}, nil
 	}
-	cg, err := cgroup1.New(cgroup1.StaticPath(path), &specs.LinuxResources{})
+	cg, err := cgroup1.New(cgroup1.StaticPath(path), res)
 	if err != nil {
 		return nil, fmt.Errorf("create cgroup %s: %w", path, err)
 	}
@@ -94,6 +97,23 @@ func (g *Group) Delete() error {
 		}
 	}
 	return nil
+}
+
+// OOMKills is how many of the cgroup's processes the kernel's OOM killer
+// killed.
+func (g *Group) OOMKills() (uint64, error) {
+	if g.v2 != nil {
+		st, err := g.v2.Stat()
+		if err != nil {
+			return 0, fmt.Errorf("stat cgroup %s: %w", g.path, err)
+		}
+		return st.GetMemoryEvents().GetOomKill(), nil
+	}
+	st, err := g.v1.Stat(cgroup1.IgnoreNotExist)
+	if err != nil {
+		return 0, fmt.Errorf("stat cgroup %s: %w", g.path, err)
+	}
+	return st.GetMemoryOomControl().GetOomKill(), nil
 }
 
 // unifiedMountpoint is where hybrid hosts mount the v2 hierarchy.

@@ -66,24 +66,41 @@ func BindOptions(options []string) (recursive bool, attr Attr) {
 // mount of the copy before it is attached. src is a host path the caller
 // trusts (from containerd or the operator).
 func Bind(src string, target *os.File, recursive bool, attr Attr) error {
+	tree, err := Clone(src, recursive, attr)
+	if err != nil {
+		return err
+	}
+	defer tree.Close()
+	if err := unix.MoveMount(int(tree.Fd()), "", int(target.Fd()), "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
+		return fmt.Errorf("attach the copy of %s on %s: %w", src, target.Name(), err)
+	}
+	return nil
+}
+
+// Clone makes a copy of the mount at src, a file or a directory (with
+// every mount below it when recursive), with attr set on every mount of
+// the copy, and attaches it nowhere: it is the returned O_PATH descriptor
+// of the copy's root, and lives as long as a descriptor refers to it.
+// Handed to a process, it gives it src and nothing around it (".." stays
+// at the copy's root), as attr allows: with ReadOnly, not even a process
+// that could write src can write through it. src is a host path the
+// caller trusts.
+func Clone(src string, recursive bool, attr Attr) (*os.File, error) {
 	flags := uint(unix.OPEN_TREE_CLONE | unix.OPEN_TREE_CLOEXEC)
 	if recursive {
 		flags |= unix.AT_RECURSIVE
 	}
 	tree, err := unix.OpenTree(unix.AT_FDCWD, src, flags)
 	if err != nil {
-		return fmt.Errorf("clone mount %s: %w", src, err)
+		return nil, fmt.Errorf("clone mount %s: %w", src, err)
 	}
-	defer unix.Close(tree)
 	if attr != 0 {
 		if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: uint64(attr)}); err != nil {
-			return fmt.Errorf("set attributes %#x on the copy of %s: %w", uint64(attr), src, err)
+			unix.Close(tree)
+			return nil, fmt.Errorf("set attributes %#x on the copy of %s: %w", uint64(attr), src, err)
 		}
 	}
-	if err := unix.MoveMount(tree, "", int(target.Fd()), "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
-		return fmt.Errorf("attach the copy of %s on %s: %w", src, target.Name(), err)
-	}
-	return nil
+	return os.NewFile(uintptr(tree), src), nil
 }
 
 // SetAttr sets attr on the mount whose root f is (not its submounts).
