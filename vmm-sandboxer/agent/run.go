@@ -42,6 +42,7 @@ type MainOption func(*mainConfig)
 
 type mainConfig struct {
 	wrap func(*Service) vmmtask.AgentService
+	link []transport.GuestOption
 }
 
 // WrapService has Main serve what wrap makes of the agent's service: the
@@ -49,6 +50,12 @@ type mainConfig struct {
 // way while the rest of the guest is the real one.
 func WrapService(wrap func(*Service) vmmtask.AgentService) MainOption {
 	return func(c *mainConfig) { c.wrap = wrap }
+}
+
+// WithLink passes options to the guest's transport (transport.OpenGuest):
+// the hostile guest wraps the serial link with them.
+func WithLink(opts ...transport.GuestOption) MainOption {
+	return func(c *mainConfig) { c.link = append(c.link, opts...) }
 }
 
 // Main is PID 1 of the guest. It returns only on a fatal error, after
@@ -86,7 +93,7 @@ func Main(mopts ...MainOption) error {
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	gl, err := transport.OpenGuest(ctx, opts.PortName, func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...)) })
+	gl, err := transport.OpenGuest(ctx, opts.PortName, func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...)) }, mc.link...)
 	cancel()
 	if err != nil {
 		return err

@@ -128,7 +128,10 @@ func tailString(s string, n int) string {
 //   - EventFlood: the guest floods the host with OOM events: exits of the
 //     other pod's containers still reach containerd;
 //   - Silent: the guest stops answering after its setup: the container's
-//     create fails when its caller gives up, and the pod stops and goes;
+//     start fails when its caller gives up, and the pod stops and goes;
+//   - Link/pings, Link/streams, Link/garbage: the guest floods the serial
+//     link with pings, opens streams and fills them, or sends garbage and a
+//     frame of 4 GiB: the daemon cuts the link and stops that pod's VM;
 //
 // and after each, the well-behaved pod's container still runs and takes
 // execs; in the end nothing is left.
@@ -250,6 +253,28 @@ func TestHostileGuest(t *testing.T) {
 		env.StopRemovePod(t, podID)
 		stillServed(t)
 	})
+
+	// The guest breaks the multiplexer's protocol on the serial link: the
+	// daemon cuts the link and stops the VM, whose pod is then not ready.
+	for _, mode := range []string{"pings", "streams", "garbage"} {
+		t.Run("Link/"+mode, func(t *testing.T) {
+			pod := env.PodConfig()
+			pod.Hostname = "hostile-" + mode
+			podID := env.RunPod(t, handler, pod)
+			deadline := time.Now().Add(90 * time.Second)
+			for env.PodStatus(t, podID).State == runtime.PodSandboxState_SANDBOX_READY {
+				if time.Now().After(deadline) {
+					t.Fatalf("the pod of a guest that %s on its link is still ready", mode)
+				}
+				time.Sleep(500 * time.Millisecond)
+			}
+			if log, _ := os.ReadFile(env.LogPath(handler)); !strings.Contains(string(log), "the guest broke the agent protocol") {
+				t.Errorf("the daemon's log does not say why it stopped the VM")
+			}
+			stillServed(t)
+			env.StopRemovePod(t, podID)
+		})
+	}
 
 	env.StopRemovePod(t, goodID)
 	env.AssertNoLeaks(t, before, 60*time.Second)

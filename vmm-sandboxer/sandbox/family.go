@@ -325,6 +325,7 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 func (f *Family) watch(id string, p *pod) <-chan controller.Exit {
 	out := make(chan controller.Exit, 1)
 	go f.capLogs(p)
+	go f.endWithAgent(id, p)
 	go func() {
 		st, _ := p.vm.Wait(context.Background())
 		p.tasks.Close()
@@ -337,6 +338,45 @@ func (f *Family) watch(id string, p *pod) <-chan controller.Exit {
 	}()
 	return out
 }
+
+// endWithAgent stops the pod's VM when its agent connection ends while the
+// VM runs: the host gave up on a guest that broke the protocol (a flood, a
+// stream it opened, a frame no agent sends, a link it stopped reading), or
+// the connection broke. The connection is never dialed again, so the pod
+// could do nothing more; a guest that misbehaves loses its own pod, never
+// the daemon.
+func (f *Family) endWithAgent(id string, p *pod) {
+	select {
+	case <-p.agent.Done():
+	case <-p.exited:
+		return
+	}
+	err := p.agent.Err()
+	switch {
+	case err == nil:
+		return // closed by the daemon
+	case errors.Is(err, transport.ErrMisbehaved):
+		f.log.Warn("the guest broke the agent protocol; stopping its VM", zap.String("sandbox", id), zap.Error(err))
+	default:
+		// A guest powering off (StopPodSandbox) ends the connection
+		// first: give the VM time to exit by itself.
+		select {
+		case <-p.exited:
+			return
+		case <-time.After(agentGoneGrace):
+		}
+		f.log.Warn("the pod's agent connection ended and its VM runs on; stopping it", zap.String("sandbox", id), zap.Error(err))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.vm.Stop(ctx); err != nil {
+		f.log.Warn("stop the VM", zap.String("sandbox", id), zap.Error(err))
+	}
+}
+
+// agentGoneGrace is how long a VM whose agent connection ended may take
+// to exit by itself before it is stopped.
+const agentGoneGrace = 15 * time.Second
 
 // logCapInterval is how often a VM's logs are checked against
 // guest.log_max_kib: what a guest writes between two checks is the most a

@@ -3,6 +3,7 @@ package transport
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -21,8 +22,19 @@ type GuestListener struct {
 	// Device is the serial port's device path (serial only).
 	Device string
 	mux    *MuxServer
+	wrap   func(io.ReadWriteCloser) io.ReadWriteCloser
 	cancel context.CancelFunc
 	done   chan struct{}
+}
+
+// A GuestOption changes OpenGuest.
+type GuestOption func(*GuestListener)
+
+// WrapSerialLink has each multiplexer session run over what wrap makes of
+// the serial port: the tests' hostile guest (vmm-sandboxer/e2e/hostileguest)
+// floods, garbles and stalls the link that way.
+func WrapSerialLink(wrap func(io.ReadWriteCloser) io.ReadWriteCloser) GuestOption {
+	return func(g *GuestListener) { g.wrap = wrap }
 }
 
 // vmaddrCIDAny is what the vsock device reports without a transport.
@@ -31,7 +43,7 @@ const vmaddrCIDAny = 0xFFFFFFFF
 // OpenGuest picks the transport. It waits until ctx ends for the serial
 // port named portName to appear (its driver may still be probing). logf
 // reports serial sessions that end with an error.
-func OpenGuest(ctx context.Context, portName string, logf func(format string, args ...any)) (*GuestListener, error) {
+func OpenGuest(ctx context.Context, portName string, logf func(format string, args ...any), opts ...GuestOption) (*GuestListener, error) {
 	if cid, err := vsock.ContextID(); err == nil && cid >= 3 && cid != vmaddrCIDAny {
 		return &GuestListener{Kind: "vsock"}, nil
 	}
@@ -50,6 +62,9 @@ func OpenGuest(ctx context.Context, portName string, logf func(format string, ar
 	}
 	sctx, cancel := context.WithCancel(context.Background())
 	g := &GuestListener{Kind: "serial", Device: dev, mux: NewMuxServer(), cancel: cancel, done: make(chan struct{})}
+	for _, o := range opts {
+		o(g)
+	}
 	go g.serveSerial(sctx, logf)
 	return g, nil
 }
@@ -83,7 +98,11 @@ func (g *GuestListener) serveSerial(ctx context.Context, logf func(string, ...an
 		} else {
 			stop := context.AfterFunc(ctx, func() { f.Close() })
 			t0 := time.Now()
-			if err := g.mux.ServeConn(f); err != nil && ctx.Err() == nil {
+			var link io.ReadWriteCloser = f
+			if g.wrap != nil {
+				link = g.wrap(f)
+			}
+			if err := g.mux.ServeConn(link); err != nil && ctx.Err() == nil {
 				logf("transport: session on %s: %v", g.Device, err)
 			}
 			stop()

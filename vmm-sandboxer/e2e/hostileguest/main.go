@@ -10,14 +10,21 @@
 //     "hostile: links: N tries, M took", how many of its writes the share
 //     let through (it must let none);
 //   - events: floods the host with OOM events;
-//   - silent: answers nothing after the pod's setup.
+//   - silent: answers nothing after the pod's setup;
+//   - pings, streams, garbage: once the pod is set up, writes on the
+//     serial link, between the multiplexer's own frames, a flood of pings,
+//     streams it opens and fills and never reads, or garbage and a frame
+//     of 4 GiB.
 //
 // It is built by the tests into their own guest image; it is never shipped.
 package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/binary"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -27,16 +34,90 @@ import (
 
 	vmmtask "github.com/kuasar-go/kuasar-go/proto/vmmtask/v1"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/agent"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/transport"
 )
+
+// link is the serial link of the multiplexer's current session.
+var link atomic.Pointer[serialLink]
+
+// serialLink lets floodLink write whole frames between the multiplexer's
+// writes.
+type serialLink struct {
+	io.ReadWriteCloser
+	mu sync.Mutex
+}
+
+func (l *serialLink) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ReadWriteCloser.Write(b)
+}
+
+// frame is a multiplexer (yamux, version 0) frame header.
+func frame(typ byte, flags uint16, stream, length uint32) []byte {
+	h := make([]byte, 12)
+	h[1] = typ
+	binary.BigEndian.PutUint16(h[2:], flags)
+	binary.BigEndian.PutUint32(h[4:], stream)
+	binary.BigEndian.PutUint32(h[8:], length)
+	return h
+}
+
+const (
+	typeData, typeWindowUpdate, typePing = 0, 1, 2
+	flagSYN                              = 1
+)
+
+// floodLink misbehaves on the link once the pod's setup has been answered,
+// until the host cuts it.
+func floodLink(mode string) {
+	time.Sleep(time.Second)
+	l := link.Load()
+	if l == nil {
+		say("%s: no serial link", mode)
+		return
+	}
+	n := 0
+	var err error
+	switch mode {
+	case "pings":
+		for ; err == nil && n < 1_000_000; n++ {
+			_, err = l.Write(frame(typePing, flagSYN, 0, uint32(n)))
+		}
+	case "streams":
+		// Streams the guest opens (even IDs), each filled with data
+		// nobody reads.
+		data := make([]byte, 64<<10)
+		for ; err == nil && n < 100_000; n++ {
+			id := uint32(2 * (n + 1))
+			if _, err = l.Write(frame(typeWindowUpdate, flagSYN, id, 0)); err == nil {
+				_, err = l.Write(append(frame(typeData, 0, id, uint32(len(data))), data...))
+			}
+		}
+	case "garbage":
+		junk := make([]byte, 4096)
+		rand.Read(junk)
+		if _, err = l.Write(junk); err == nil {
+			_, err = l.Write(frame(typeData, 0, 1, 1<<32-1))
+		}
+		n = 1
+	}
+	say("%s: wrote %d, then %v", mode, n, err)
+}
 
 func main() {
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "hostileguest: runs only as PID 1 of a test VM")
 		os.Exit(2)
 	}
-	err := agent.Main(agent.WrapService(func(s *agent.Service) vmmtask.AgentService {
-		return &hostile{Service: s}
-	}))
+	err := agent.Main(
+		agent.WrapService(func(s *agent.Service) vmmtask.AgentService { return &hostile{Service: s} }),
+		agent.WithLink(transport.WrapSerialLink(func(rwc io.ReadWriteCloser) io.ReadWriteCloser {
+			l := &serialLink{ReadWriteCloser: rwc}
+			link.Store(l)
+			return l
+		})),
+	)
 	fmt.Fprintf(os.Stderr, "hostileguest: fatal: %v; powering off\n", err)
 	_ = agent.PowerOff()
 	select {}
@@ -73,8 +154,11 @@ func (h *hostile) SetupSandbox(ctx context.Context, r *vmmtask.SetupSandboxReque
 		}
 	}
 	say("mode %s", mode)
-	if mode == "links" {
+	switch mode {
+	case "links":
 		go h.plantForever()
+	case "pings", "streams", "garbage":
+		go floodLink(mode)
 	}
 	return resp, nil
 }
