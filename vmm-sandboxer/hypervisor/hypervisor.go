@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"syscall"
 )
 
 // Hypervisor is one VM. A driver's constructor takes a Config; Start boots
@@ -100,6 +101,11 @@ type Config struct {
 	// hosts whose QEMU lacks it. Cloud Hypervisor and StratoVirt keep
 	// their own filters.
 	Unconfined bool
+	// RunAs, when set, is the user, group and supplementary groups the
+	// VMM process runs as instead of the daemon's (root), so that a guest
+	// that breaks into it is an unprivileged user who can open nothing of
+	// Dir. QEMU only.
+	RunAs *syscall.Credential
 	// Devices are present from boot, in order.
 	Devices []Device
 }

@@ -5,7 +5,6 @@ package qemu
 
 import (
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 
@@ -37,9 +36,33 @@ func onOff(b bool) string {
 	return "off"
 }
 
-// Args builds QEMU's command line for cfg (without the binary) and the
-// files the process must inherit, which become fds 3, 4, ... in order.
-func Args(cfg *hypervisor.Config) ([]string, []*os.File, error) {
+// vhostVsockDevice is the host's vsock device, which QEMU gets open.
+const vhostVsockDevice = "/dev/vhost-vsock"
+
+// fdsetPath names an fd set QEMU opens a file of (-add-fd, add-fd) instead
+// of a path: file chardevs and block devices take it.
+func fdsetPath(set int) string { return "/dev/fdset/" + strconv.Itoa(set) }
+
+// passer numbers the files QEMU inherits: fds 3, 4, ... in order.
+type passer struct{ files []hostFile }
+
+func (p *passer) fd(h hostFile) string {
+	p.files = append(p.files, h)
+	return strconv.Itoa(2 + len(p.files))
+}
+
+// addFd puts the file in fd set set; opaque names its path for query-fdsets
+// and for whoever reads QEMU's command line.
+func (p *passer) addFd(set int, h hostFile) []string {
+	return []string{"-add-fd", "fd=" + p.fd(h) + ",set=" + strconv.Itoa(set) + ",opaque=" + esc(h.path)}
+}
+
+// commandLine builds QEMU's command line for cfg (without the binary) and
+// the files it inherits. QEMU gets everything of the VM's directory as
+// descriptors the daemon opened (see hostFile): only the kernel, initrd,
+// firmware and /dev/urandom and /dev/kvm, readable by anyone or by the
+// kvm group, are opened by path.
+func commandLine(cfg *hypervisor.Config) ([]string, []hostFile, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, nil, err
 	}
@@ -82,32 +105,34 @@ func Args(cfg *hypervisor.Config) ([]string, []*os.File, error) {
 	if cfg.Cmdline != "" {
 		a = append(a, "-append", cfg.Cmdline)
 	}
+	var p passer
 	a = append(a,
-		"-chardev", "socket,id=qmp,path="+esc(cfg.ControlSocket())+",server=on,wait=off",
+		"-chardev", "socket,id=qmp,fd="+p.fd(hostFile{kind: fileListen, path: cfg.ControlSocket()})+",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
 		"-device", "virtio-serial-pci,id="+serialBus,
 	)
 	for i := 0; i < cfg.HotplugSlots; i++ {
 		a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", hotplugPort(i), i+1))
 	}
-	var files []*os.File
-	for _, d := range cfg.Devices {
-		da, err := deviceArgs(cfg, d, &files)
+	for i, d := range cfg.Devices {
+		// A device's fd set, if it has one, is its index: hot-plugged
+		// devices' sets come after (QEMU.nextSet).
+		da, err := deviceArgs(cfg, d, i, &p)
 		if err != nil {
 			return nil, nil, err
 		}
 		a = append(a, da...)
 	}
-	return a, files, nil
+	return a, p.files, nil
 }
 
-func deviceArgs(cfg *hypervisor.Config, d hypervisor.Device, files *[]*os.File) ([]string, error) {
+func deviceArgs(cfg *hypervisor.Config, d hypervisor.Device, set int, p *passer) ([]string, error) {
 	switch d := d.(type) {
 	case *hypervisor.Console:
-		return []string{
-			"-chardev", "file,id=" + d.ID + ",path=" + esc(cfg.ConsoleLog()),
-			"-serial", "chardev:" + d.ID,
-		}, nil
+		return append(p.addFd(set, hostFile{kind: fileLog, path: cfg.ConsoleLog()}),
+			"-chardev", "file,id="+d.ID+",path="+fdsetPath(set),
+			"-serial", "chardev:"+d.ID,
+		), nil
 	case *hypervisor.RNG:
 		return []string{
 			"-object", "rng-random,id=" + d.ID + "-src,filename=/dev/urandom",
@@ -115,14 +140,15 @@ func deviceArgs(cfg *hypervisor.Config, d hypervisor.Device, files *[]*os.File) 
 		}, nil
 	case *hypervisor.SerialPort:
 		return []string{
-			"-chardev", "socket,id=" + d.ID + "-chr,path=" + esc(d.SocketPath) + ",server=on,wait=off",
+			"-chardev", "socket,id=" + d.ID + "-chr,fd=" + p.fd(hostFile{kind: fileListen, path: d.SocketPath}) + ",server=on,wait=off",
 			"-device", "virtserialport,id=" + d.ID + ",bus=" + serialBus + ".0,chardev=" + d.ID + "-chr,name=" + esc(d.Name),
 		}, nil
 	case *hypervisor.Vsock:
-		return []string{"-device", fmt.Sprintf("vhost-vsock-pci,id=%s,guest-cid=%d", d.ID, d.GuestCID)}, nil
+		return []string{"-device", fmt.Sprintf("vhost-vsock-pci,id=%s,guest-cid=%d,vhostfd=%s",
+			d.ID, d.GuestCID, p.fd(hostFile{kind: fileReadWrite, path: vhostVsockDevice}))}, nil
 	case *hypervisor.VirtioFS:
 		return []string{
-			"-chardev", "socket,id=" + d.ID + "-chr,path=" + esc(d.SocketPath),
+			"-chardev", "socket,id=" + d.ID + "-chr,fd=" + p.fd(hostFile{kind: fileDial, path: d.SocketPath}),
 			"-device", "vhost-user-fs-pci,id=" + d.ID + ",chardev=" + d.ID + "-chr,tag=" + esc(d.Tag),
 		}, nil
 	case *hypervisor.Block:
@@ -131,25 +157,26 @@ func deviceArgs(cfg *hypervisor.Config, d hypervisor.Device, files *[]*os.File) 
 			format = "raw"
 		}
 		ro := onOff(d.ReadOnly)
-		return []string{
-			"-blockdev", "driver=file,node-name=" + d.ID + "-file,filename=" + esc(d.Path) + ",read-only=" + ro,
-			"-blockdev", "driver=" + format + ",node-name=" + d.ID + "-fmt,file=" + d.ID + "-file,read-only=" + ro,
-			"-device", "virtio-blk-pci,id=" + d.ID + ",drive=" + d.ID + "-fmt",
-		}, nil
+		return append(p.addFd(set, blockFile(d)),
+			"-blockdev", "driver=file,node-name="+d.ID+"-file,filename="+fdsetPath(set)+",read-only="+ro,
+			"-blockdev", "driver="+format+",node-name="+d.ID+"-fmt,file="+d.ID+"-file,read-only="+ro,
+			"-device", "virtio-blk-pci,id="+d.ID+",drive="+d.ID+"-fmt",
+		), nil
 	case *hypervisor.TapNet:
 		netdev := "tap,id=" + d.ID + "-net,vhost=off"
 		dev := "virtio-net-pci,id=" + d.ID + ",netdev=" + d.ID + "-net"
 		switch {
 		case d.IfName != "":
+			if cfg.RunAs != nil {
+				return nil, fmt.Errorf("qemu: tap %q: an unprivileged QEMU cannot open a tap by name; pass it open", d.ID)
+			}
 			netdev += ",ifname=" + esc(d.IfName) + ",script=no,downscript=no"
 		case len(d.Files) == 1:
-			netdev += ",fd=" + strconv.Itoa(3+len(*files))
-			*files = append(*files, d.Files[0])
+			netdev += ",fd=" + p.fd(hostFile{kind: fileGiven, file: d.Files[0]})
 		default:
 			fds := make([]string, len(d.Files))
 			for i, f := range d.Files {
-				fds[i] = strconv.Itoa(3 + len(*files))
-				*files = append(*files, f)
+				fds[i] = p.fd(hostFile{kind: fileGiven, file: f})
 			}
 			netdev += ",fds=" + strings.Join(fds, ":")
 			dev += fmt.Sprintf(",mq=on,vectors=%d", 2*len(d.Files)+2)
@@ -160,4 +187,13 @@ func deviceArgs(cfg *hypervisor.Config, d hypervisor.Device, files *[]*os.File) 
 		return []string{"-netdev", netdev, "-device", dev}, nil
 	}
 	return nil, fmt.Errorf("qemu: device %q: type %T is not supported", d.DeviceID(), d)
+}
+
+// blockFile opens a disk image as QEMU will use it: QEMU takes a file of
+// its fd set only when the access modes match.
+func blockFile(d *hypervisor.Block) hostFile {
+	if d.ReadOnly {
+		return hostFile{kind: fileRead, path: d.Path}
+	}
+	return hostFile{kind: fileReadWrite, path: d.Path}
 }

@@ -4,6 +4,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
@@ -28,7 +29,7 @@ func TestArgs(t *testing.T) {
 		edit  func(c *hypervisor.Config)
 		want  []string // "flag value": must appear as two consecutive arguments
 		not   []string // none may appear as an argument
-		files int
+		files []string // "kind path" of each file QEMU inherits, fd 3 first
 	}{
 		{
 			name: "tcg base",
@@ -36,21 +37,24 @@ func TestArgs(t *testing.T) {
 			want: []string{
 				"-machine q35,accel=tcg", "-cpu max", "-smp 2", "-m 512M", "-no-reboot", "-nodefaults",
 				"-kernel /k/vmlinuz", "-initrd /k/initrd.img", "-append console=ttyS0 quiet",
-				"-chardev socket,id=qmp,path=/run/vmm/pod1/vmm.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
+				"-chardev socket,id=qmp,fd=3,server=on,wait=off", "-mon chardev=qmp,mode=control",
 				"-device virtio-serial-pci,id=vser0",
 				"-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 			},
-			not: []string{"-object"},
+			not:   []string{"-object"},
+			files: []string{"listen /run/vmm/pod1/vmm.sock"},
 		},
 		{
-			name: "unconfined: no seccomp sandbox",
-			edit: func(c *hypervisor.Config) { c.Unconfined = true },
-			not:  []string{"-sandbox"},
+			name:  "unconfined: no seccomp sandbox",
+			edit:  func(c *hypervisor.Config) { c.Unconfined = true },
+			not:   []string{"-sandbox"},
+			files: []string{"listen /run/vmm/pod1/vmm.sock"},
 		},
 		{
-			name: "kvm uses the host cpu",
-			edit: func(c *hypervisor.Config) { c.Accel = hypervisor.AccelKVM },
-			want: []string{"-machine q35,accel=kvm", "-cpu host"},
+			name:  "kvm uses the host cpu",
+			edit:  func(c *hypervisor.Config) { c.Accel = hypervisor.AccelKVM },
+			want:  []string{"-machine q35,accel=kvm", "-cpu host"},
+			files: []string{"listen /run/vmm/pod1/vmm.sock"},
 		},
 		{
 			name: "shared memory for vhost-user",
@@ -59,17 +63,20 @@ func TestArgs(t *testing.T) {
 				"-object memory-backend-memfd,id=mem,size=512M,share=on",
 				"-machine q35,accel=tcg,memory-backend=mem",
 			},
+			files: []string{"listen /run/vmm/pod1/vmm.sock"},
 		},
 		{
-			name: "a smaller TCG translation cache",
-			edit: func(c *hypervisor.Config) { c.TCGCacheMiB = 64; c.SharedMemory = true },
-			want: []string{"-machine q35,memory-backend=mem", "-accel tcg,tb-size=64"},
+			name:  "a smaller TCG translation cache",
+			edit:  func(c *hypervisor.Config) { c.TCGCacheMiB = 64; c.SharedMemory = true },
+			want:  []string{"-machine q35,memory-backend=mem", "-accel tcg,tb-size=64"},
+			files: []string{"listen /run/vmm/pod1/vmm.sock"},
 		},
 		{
-			name: "KVM has no translation cache",
-			edit: func(c *hypervisor.Config) { c.TCGCacheMiB = 64; c.Accel = hypervisor.AccelKVM },
-			want: []string{"-machine q35,accel=kvm"},
-			not:  []string{"-accel"},
+			name:  "KVM has no translation cache",
+			edit:  func(c *hypervisor.Config) { c.TCGCacheMiB = 64; c.Accel = hypervisor.AccelKVM },
+			want:  []string{"-machine q35,accel=kvm"},
+			not:   []string{"-accel"},
+			files: []string{"listen /run/vmm/pod1/vmm.sock"},
 		},
 		{
 			name: "hot-plug slots",
@@ -78,11 +85,17 @@ func TestArgs(t *testing.T) {
 				"-device pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
 				"-device pcie-root-port,id=hp1,bus=pcie.0,chassis=2",
 			},
+			files: []string{"listen /run/vmm/pod1/vmm.sock"},
 		},
 		{
 			name: "commas in paths are escaped",
-			edit: func(c *hypervisor.Config) { c.Kernel = "/k/a,b"; c.Dir = "/run/x,y" },
-			want: []string{"-kernel /k/a,,b", "-chardev socket,id=qmp,path=/run/x,,y/vmm.sock,server=on,wait=off"},
+			edit: func(c *hypervisor.Config) {
+				c.Kernel = "/k/a,b"
+				c.Dir = "/run/x,y"
+				c.Devices = []hypervisor.Device{&hypervisor.Console{ID: "console"}}
+			},
+			want:  []string{"-kernel /k/a,,b", "-add-fd fd=4,set=0,opaque=/run/x,,y/console.log"},
+			files: []string{"listen /run/x,y/vmm.sock", "log /run/x,y/console.log"},
 		},
 		{
 			name: "every device type",
@@ -100,32 +113,43 @@ func TestArgs(t *testing.T) {
 					&hypervisor.TapNet{ID: "net2", Files: []*os.File{tap, tap}},
 				}
 			},
+			// QEMU gets every file of the VM's directory open: the
+			// console log in fd set 0, the listening agent socket, a
+			// connection to virtiofsd, the vsock device, the disk image
+			// in fd set 5, the taps.
 			want: []string{
-				"-chardev file,id=console,path=/run/vmm/pod1/console.log", "-serial chardev:console",
+				"-add-fd fd=4,set=0,opaque=/run/vmm/pod1/console.log",
+				"-chardev file,id=console,path=/dev/fdset/0", "-serial chardev:console",
 				"-object rng-random,id=rng-src,filename=/dev/urandom", "-device virtio-rng-pci,id=rng,rng=rng-src",
-				"-chardev socket,id=agent-chr,path=/run/vmm/pod1/agent.sock,server=on,wait=off",
+				"-chardev socket,id=agent-chr,fd=5,server=on,wait=off",
 				"-device virtserialport,id=agent,bus=vser0.0,chardev=agent-chr,name=kuasar.agent",
-				"-device vhost-vsock-pci,id=vsock,guest-cid=7",
-				"-chardev socket,id=fs-chr,path=/run/vmm/pod1/fs.sock", "-device vhost-user-fs-pci,id=fs,chardev=fs-chr,tag=kuasar",
-				"-blockdev driver=file,node-name=disk0-file,filename=/img/a.qcow2,read-only=on",
+				"-device vhost-vsock-pci,id=vsock,guest-cid=7,vhostfd=6",
+				"-chardev socket,id=fs-chr,fd=7", "-device vhost-user-fs-pci,id=fs,chardev=fs-chr,tag=kuasar",
+				"-add-fd fd=8,set=5,opaque=/img/a.qcow2",
+				"-blockdev driver=file,node-name=disk0-file,filename=/dev/fdset/5,read-only=on",
 				"-blockdev driver=qcow2,node-name=disk0-fmt,file=disk0-file,read-only=on",
 				"-device virtio-blk-pci,id=disk0,drive=disk0-fmt",
 				"-netdev tap,id=net0-net,vhost=off,ifname=tap0,script=no,downscript=no",
 				"-device virtio-net-pci,id=net0,netdev=net0-net,mac=02:42:ac:11:00:02",
-				"-netdev tap,id=net1-net,vhost=off,fd=3",
-				"-netdev tap,id=net2-net,vhost=off,fds=4:5", "-device virtio-net-pci,id=net2,netdev=net2-net,mq=on,vectors=6",
+				"-netdev tap,id=net1-net,vhost=off,fd=9",
+				"-netdev tap,id=net2-net,vhost=off,fds=10:11", "-device virtio-net-pci,id=net2,netdev=net2-net,mq=on,vectors=6",
 			},
-			files: 3,
+			files: []string{
+				"listen /run/vmm/pod1/vmm.sock", "log /run/vmm/pod1/console.log", "listen /run/vmm/pod1/agent.sock",
+				"readwrite /dev/vhost-vsock", "dial /run/vmm/pod1/fs.sock", "read /img/a.qcow2",
+				"given " + os.DevNull, "given " + os.DevNull, "given " + os.DevNull,
+			},
 		},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := baseConfig()
 			tc.edit(&cfg)
-			args, files, err := Args(&cfg)
+			args, files, err := commandLine(&cfg)
 			if err != nil {
 				t.Fatal(err)
 			}
+			checkNoDirPaths(t, &cfg, args)
 			joined := "\x00" + strings.Join(args, "\x00") + "\x00"
 			for _, w := range tc.want {
 				if !strings.Contains(joined, "\x00"+strings.Replace(w, " ", "\x00", 1)+"\x00") {
@@ -139,11 +163,42 @@ func TestArgs(t *testing.T) {
 					}
 				}
 			}
-			if len(files) != tc.files {
-				t.Errorf("files: got %d, want %d", len(files), tc.files)
+			var got []string
+			for _, f := range files {
+				got = append(got, f.String())
+			}
+			if strings.Join(got, "\n") != strings.Join(tc.files, "\n") {
+				t.Errorf("files:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(tc.files, "\n"))
 			}
 		})
 	}
+}
+
+// checkNoDirPaths fails when an option of QEMU's command line names a
+// path in the VM's directory: QEMU, which may run as a user who cannot
+// open it, gets all of it as descriptors. An fd set's opaque label is
+// not opened.
+func checkNoDirPaths(t *testing.T, cfg *hypervisor.Config, args []string) {
+	t.Helper()
+	dir := strings.ReplaceAll(cfg.Dir, ",", ",,")
+	for _, a := range args {
+		for _, opt := range strings.Split(strings.ReplaceAll(a, ",,", "\x00"), ",") {
+			opt = strings.ReplaceAll(opt, "\x00", ",,")
+			if strings.Contains(opt, dir) && !strings.HasPrefix(opt, "opaque=") {
+				t.Errorf("argument %q names a path in the VM's directory %s", a, cfg.Dir)
+			}
+		}
+	}
+}
+
+// String is "kind path", for tests.
+func (h hostFile) String() string {
+	kind := map[fileKind]string{fileGiven: "given", fileListen: "listen", fileDial: "dial", fileLog: "log",
+		fileRead: "read", fileReadWrite: "readwrite"}[h.kind]
+	if h.kind == fileGiven {
+		return kind + " " + h.file.Name()
+	}
+	return kind + " " + h.path
 }
 
 func TestArgsInvalid(t *testing.T) {
@@ -174,12 +229,16 @@ func TestArgsInvalid(t *testing.T) {
 		{"bad block format", func(c *hypervisor.Config) {
 			c.Devices = []hypervisor.Device{&hypervisor.Block{ID: "b", Path: "/x", Format: "vmdk"}}
 		}, `format "vmdk"`},
+		{"unprivileged tap by name", func(c *hypervisor.Config) {
+			c.RunAs = &syscall.Credential{Uid: 1 << 30, Gid: 1 << 30}
+			c.Devices = []hypervisor.Device{&hypervisor.TapNet{ID: "n", IfName: "tap0"}}
+		}, "cannot open a tap by name"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := baseConfig()
 			tc.edit(&cfg)
-			_, _, err := Args(&cfg)
+			_, _, err := commandLine(&cfg)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("got error %v, want one containing %q", err, tc.want)
 			}

@@ -16,7 +16,7 @@ type qmpStep struct {
 	args map[string]any
 	undo string
 	uarg map[string]any
-	file *os.File // passed with the command (getfd)
+	file *hostFile // opened here and passed with the command (getfd, add-fd)
 }
 
 // AddDevice hot-plugs d. PCI devices take one of the free root ports
@@ -54,10 +54,12 @@ func (q *QEMU) AddDevice(ctx context.Context, d hypervisor.Device) error {
 		}
 		q.slots[slot] = true
 	}
-	q.plugged[d.DeviceID()] = plugged{dev: d, slot: slot}
+	set := q.nextSet
+	q.nextSet++
+	q.plugged[d.DeviceID()] = plugged{dev: d, slot: slot, set: set}
 	q.mu.Unlock()
 
-	steps, err := plugSteps(d, slot)
+	steps, err := plugSteps(d, slot, set)
 	if err == nil {
 		err = q.run(ctx, c, steps)
 	}
@@ -68,9 +70,18 @@ func (q *QEMU) AddDevice(ctx context.Context, d hypervisor.Device) error {
 			q.slots[slot] = false
 		}
 		q.mu.Unlock()
+		removeSocket(d)
 		return fmt.Errorf("qemu: vm %s: add %s: %w", q.cfg.ID, d.DeviceID(), err)
 	}
 	return nil
+}
+
+// removeSocket removes the socket the daemon listened on for a serial
+// port: QEMU, which got it open, does not know its path.
+func removeSocket(d hypervisor.Device) {
+	if sp, ok := d.(*hypervisor.SerialPort); ok {
+		_ = os.Remove(sp.SocketPath)
+	}
 }
 
 // run executes the steps in order; on a failure it undoes those done.
@@ -78,7 +89,7 @@ func (q *QEMU) run(ctx context.Context, c *QMP, steps []qmpStep) error {
 	for i, s := range steps {
 		var err error
 		if s.file != nil {
-			_, err = c.ExecuteWithFile(ctx, s.cmd, s.args, s.file)
+			err = executeWithFile(ctx, c, s)
 		} else {
 			_, err = c.Execute(ctx, s.cmd, s.args)
 		}
@@ -94,7 +105,30 @@ func (q *QEMU) run(ctx context.Context, c *QMP, steps []qmpStep) error {
 	return nil
 }
 
-func plugSteps(d hypervisor.Device, slot int) ([]qmpStep, error) {
+// executeWithFile opens the step's file, passes it with the command and
+// closes the daemon's copy.
+func executeWithFile(ctx context.Context, c *QMP, s qmpStep) error {
+	files, err := openFiles([]hostFile{*s.file})
+	if err != nil {
+		return err
+	}
+	defer files.close(false)
+	_, err = c.ExecuteWithFile(ctx, s.cmd, s.args, files.files[0])
+	return err
+}
+
+// getfd passes QEMU a file it then knows by name.
+func getfd(name string, h hostFile) qmpStep {
+	return qmpStep{cmd: "getfd", args: map[string]any{"fdname": name}, file: &h,
+		undo: "closefd", uarg: map[string]any{"fdname": name}}
+}
+
+// fdAddr is a socket address QMP takes: a descriptor passed with getfd.
+func fdAddr(name string) map[string]any {
+	return map[string]any{"type": "fd", "data": map[string]any{"str": name}}
+}
+
+func plugSteps(d hypervisor.Device, slot, set int) ([]qmpStep, error) {
 	bus := ""
 	if slot >= 0 {
 		bus = hotplugPort(slot)
@@ -111,13 +145,12 @@ func plugSteps(d hypervisor.Device, slot int) ([]qmpStep, error) {
 	}
 	switch d := d.(type) {
 	case *hypervisor.SerialPort:
-		chr := d.ID + "-chr"
+		chr, fd := d.ID+"-chr", d.ID+"-fd"
 		return []qmpStep{
+			getfd(fd, hostFile{kind: fileListen, path: d.SocketPath}),
 			{cmd: "chardev-add", args: map[string]any{"id": chr, "backend": map[string]any{
-				"type": "socket", "data": map[string]any{
-					"addr":   map[string]any{"type": "unix", "data": map[string]any{"path": d.SocketPath}},
-					"server": true, "wait": false,
-				}}}, undo: "chardev-remove", uarg: map[string]any{"id": chr}},
+				"type": "socket", "data": map[string]any{"addr": fdAddr(fd), "server": true, "wait": false},
+			}}, undo: "chardev-remove", uarg: map[string]any{"id": chr}},
 			dev("virtserialport", map[string]any{"bus": serialBus + ".0", "chardev": chr, "name": d.Name}),
 		}, nil
 	case *hypervisor.RNG:
@@ -128,15 +161,18 @@ func plugSteps(d hypervisor.Device, slot int) ([]qmpStep, error) {
 			dev("virtio-rng-pci", map[string]any{"rng": src}),
 		}, nil
 	case *hypervisor.Vsock:
-		return []qmpStep{dev("vhost-vsock-pci", map[string]any{"guest-cid": d.GuestCID})}, nil
-	case *hypervisor.VirtioFS:
-		chr := d.ID + "-chr"
+		fd := d.ID + "-fd"
 		return []qmpStep{
+			getfd(fd, hostFile{kind: fileReadWrite, path: vhostVsockDevice}),
+			dev("vhost-vsock-pci", map[string]any{"guest-cid": d.GuestCID, "vhostfd": fd}),
+		}, nil
+	case *hypervisor.VirtioFS:
+		chr, fd := d.ID+"-chr", d.ID+"-fd"
+		return []qmpStep{
+			getfd(fd, hostFile{kind: fileDial, path: d.SocketPath}),
 			{cmd: "chardev-add", args: map[string]any{"id": chr, "backend": map[string]any{
-				"type": "socket", "data": map[string]any{
-					"addr":   map[string]any{"type": "unix", "data": map[string]any{"path": d.SocketPath}},
-					"server": false,
-				}}}, undo: "chardev-remove", uarg: map[string]any{"id": chr}},
+				"type": "socket", "data": map[string]any{"addr": fdAddr(fd), "server": false},
+			}}, undo: "chardev-remove", uarg: map[string]any{"id": chr}},
 			dev("vhost-user-fs-pci", map[string]any{"chardev": chr, "tag": d.Tag}),
 		}, nil
 	case *hypervisor.Block:
@@ -145,8 +181,11 @@ func plugSteps(d hypervisor.Device, slot int) ([]qmpStep, error) {
 			format = "raw"
 		}
 		file, node := d.ID+"-file", d.ID+"-fmt"
+		img := blockFile(d)
 		return []qmpStep{
-			{cmd: "blockdev-add", args: map[string]any{"driver": "file", "node-name": file, "filename": d.Path, "read-only": d.ReadOnly},
+			{cmd: "add-fd", args: map[string]any{"fdset-id": set, "opaque": d.Path}, file: &img,
+				undo: "remove-fd", uarg: map[string]any{"fdset-id": set}},
+			{cmd: "blockdev-add", args: map[string]any{"driver": "file", "node-name": file, "filename": fdsetPath(set), "read-only": d.ReadOnly},
 				undo: "blockdev-del", uarg: map[string]any{"node-name": file}},
 			{cmd: "blockdev-add", args: map[string]any{"driver": format, "node-name": node, "file": file, "read-only": d.ReadOnly},
 				undo: "blockdev-del", uarg: map[string]any{"node-name": node}},
@@ -162,8 +201,7 @@ func plugSteps(d hypervisor.Device, slot int) ([]qmpStep, error) {
 			var names []string
 			for i, f := range d.Files {
 				name := fmt.Sprintf("%s-fd%d", d.ID, i)
-				steps = append(steps, qmpStep{cmd: "getfd", args: map[string]any{"fdname": name}, file: f,
-					undo: "closefd", uarg: map[string]any{"fdname": name}})
+				steps = append(steps, getfd(name, hostFile{kind: fileGiven, file: f}))
 				names = append(names, name)
 			}
 			if len(names) == 1 {
@@ -205,11 +243,11 @@ func (q *QEMU) RemoveDevice(ctx context.Context, id string) error {
 	if err := c.DeleteDevice(ctx, id); err != nil {
 		return fmt.Errorf("qemu: vm %s: remove %s: %w", q.cfg.ID, id, err)
 	}
-	steps, _ := plugSteps(p.dev, p.slot)
+	steps, _ := plugSteps(p.dev, p.slot, p.set)
 	var errs []error
 	for i := len(steps) - 1; i >= 0; i-- {
 		if steps[i].undo == "" || steps[i].undo == "closefd" {
-			continue // fds passed with getfd are consumed by netdev_add
+			continue // fds passed with getfd are consumed by the backend
 		}
 		if _, err := c.Execute(ctx, steps[i].undo, steps[i].uarg); err != nil {
 			errs = append(errs, err)
@@ -221,6 +259,7 @@ func (q *QEMU) RemoveDevice(ctx context.Context, id string) error {
 		q.slots[p.slot] = false
 	}
 	q.mu.Unlock()
+	removeSocket(p.dev)
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("qemu: vm %s: remove %s backends: %w", q.cfg.ID, id, err)
 	}

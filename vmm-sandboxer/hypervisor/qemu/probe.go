@@ -32,9 +32,9 @@ func ProbeKVM(ctx context.Context, binary, kernel string, timeout time.Duration)
 	if timeout <= 0 {
 		timeout = DefaultProbeTimeout
 	}
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	f, err := os.OpenFile(KVMDevice, os.O_RDWR, 0)
 	if err != nil {
-		return false, "cannot open /dev/kvm: " + err.Error(), nil
+		return false, "cannot open " + KVMDevice + ": " + err.Error(), nil
 	}
 	f.Close()
 	bin, err := exec.LookPath(binary)
@@ -75,6 +75,29 @@ func ProbeKVM(ctx context.Context, binary, kernel string, timeout time.Duration)
 		return false, "qemu exited under KVM but the guest kernel printed nothing", nil
 	}
 	return true, "", nil
+}
+
+// KVMDevice is the device QEMU opens for KVM.
+const KVMDevice = "/dev/kvm"
+
+// KVMGroups returns the supplementary groups an unprivileged QEMU needs to
+// open dev (KVMDevice) for reading and writing: none when anyone may, its
+// group when that group may (and is not root's). Otherwise only root can
+// open it, and the error says so; it wraps fs.ErrNotExist when there is no
+// such device.
+func KVMGroups(dev string) ([]uint32, error) {
+	st, err := os.Stat(dev)
+	if err != nil {
+		return nil, err
+	}
+	perm, gid := st.Mode().Perm(), st.Sys().(*syscall.Stat_t).Gid
+	switch {
+	case perm&0o006 == 0o006:
+		return nil, nil
+	case perm&0o060 == 0o060 && gid != 0:
+		return []uint32{gid}, nil
+	}
+	return nil, fmt.Errorf("%s (mode %#o, group %d) is for root alone: an unprivileged QEMU needs it readable and writable by a group other than root's (udev: GROUP=\"kvm\", MODE=\"0660\")", dev, perm, gid)
 }
 
 // ResolveAccel turns auto into kvm or tcg by probing; kvm and tcg are

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -28,11 +29,13 @@ type QEMU struct {
 	status  hypervisor.ExitStatus
 	plugged map[string]plugged // hot-plugged devices by ID
 	slots   []bool             // hot-plug root ports in use
+	nextSet int                // the fd set of the next hot-plugged device
 }
 
 type plugged struct {
 	dev  hypervisor.Device
 	slot int // root port index, -1 when not on PCIe
+	set  int // fd set, for devices QEMU opens a file of (disks)
 }
 
 var _ hypervisor.Hypervisor = (*QEMU)(nil)
@@ -54,6 +57,7 @@ func New(cfg hypervisor.Config, log *zap.Logger) (*QEMU, error) {
 		log:     log.With(zap.String("vm", cfg.ID)),
 		plugged: map[string]plugged{},
 		slots:   make([]bool, cfg.HotplugSlots),
+		nextSet: len(cfg.Devices), // boot devices' sets are their indexes
 	}, nil
 }
 
@@ -77,40 +81,12 @@ func (q *QEMU) Start(ctx context.Context) error {
 		q.mu.Unlock()
 		return fmt.Errorf("qemu: vm %s: already started", q.cfg.ID)
 	}
-	args, files, err := Args(&q.cfg)
+	cmd, err := q.command()
 	if err != nil {
 		q.mu.Unlock()
 		return fmt.Errorf("qemu: vm %s: %w", q.cfg.ID, err)
 	}
-	bin, err := exec.LookPath(q.cfg.Binary)
-	if err != nil {
-		q.mu.Unlock()
-		return fmt.Errorf("qemu: vm %s: %w", q.cfg.ID, err)
-	}
-	if err := os.MkdirAll(q.cfg.Dir, 0o700); err != nil {
-		q.mu.Unlock()
-		return fmt.Errorf("qemu: vm %s: %w", q.cfg.ID, err)
-	}
-	// A stale socket from a VM that was killed would make QEMU fail.
-	_ = os.Remove(q.cfg.ControlSocket())
-	logf, err := os.OpenFile(q.cfg.VMMLog(), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
-	if err != nil {
-		q.mu.Unlock()
-		return fmt.Errorf("qemu: vm %s: %w", q.cfg.ID, err)
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = files
-	// Its own session: the VM outlives the daemon and is not hit by
-	// signals sent to the daemon's process group.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	t0 := time.Now()
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		q.mu.Unlock()
-		return fmt.Errorf("qemu: vm %s: start %s: %w", q.cfg.ID, bin, err)
-	}
-	logf.Close()
 	q.cmd = cmd
 	q.exited = make(chan struct{})
 	q.mu.Unlock()
@@ -123,6 +99,77 @@ func (q *QEMU) Start(ctx context.Context) error {
 	}
 	q.log.Debug("qmp ready", zap.Duration("after", time.Since(t0)))
 	return nil
+}
+
+// command starts QEMU with what it inherits: its log as stdout and
+// stderr, and the files of its command line.
+func (q *QEMU) command() (*exec.Cmd, error) {
+	args, hostFiles, err := commandLine(&q.cfg)
+	if err != nil {
+		return nil, err
+	}
+	bin, err := exec.LookPath(q.cfg.Binary)
+	if err != nil {
+		return nil, err
+	}
+	if q.cfg.RunAs != nil {
+		for _, p := range []string{q.cfg.Kernel, q.cfg.Initrd} {
+			if err := readableByAnyone(p); err != nil {
+				return nil, fmt.Errorf("QEMU runs as user %d and cannot read the guest image: %w", q.cfg.RunAs.Uid, err)
+			}
+		}
+	}
+	if err := os.MkdirAll(q.cfg.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	logf, err := os.OpenFile(q.cfg.VMMLog(), os.O_CREATE|os.O_WRONLY|os.O_TRUNC|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	files, err := openFiles(hostFiles)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = files.files
+	// Its own session: the VM outlives the daemon and is not hit by
+	// signals sent to the daemon's process group.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Credential: q.cfg.RunAs}
+	err = cmd.Start()
+	files.close(err != nil)
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	return cmd, nil
+}
+
+// readableByAnyone tells whether a user who owns nothing can read path:
+// the file readable by others, each directory above it searchable.
+func readableByAnyone(path string) error {
+	if path == "" {
+		return nil
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if st.Mode().Perm()&0o004 == 0 {
+		return fmt.Errorf("%s has mode %#o: make it readable by others (0644)", path, st.Mode().Perm())
+	}
+	for d := filepath.Dir(path); ; d = filepath.Dir(d) {
+		st, err := os.Stat(d)
+		if err != nil {
+			return err
+		}
+		if st.Mode().Perm()&0o001 == 0 {
+			return fmt.Errorf("directory %s has mode %#o: make it searchable by others (0755)", d, st.Mode().Perm())
+		}
+		if d == filepath.Dir(d) {
+			return nil
+		}
+	}
 }
 
 func (q *QEMU) reap() {
@@ -146,29 +193,33 @@ func (q *QEMU) reap() {
 	q.log.Info("qemu exited", zap.Stringer("status", st))
 }
 
-// connect waits for QMP's socket, connects and checks that the VM runs.
+// connect connects to QMP and checks that the VM runs. The control socket
+// is there from the start (the daemon listens for QEMU), so a connection
+// waits in its backlog until QEMU accepts it; a QEMU that fails before
+// that closes the socket's last listener.
 func (q *QEMU) connect(ctx context.Context) error {
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if _, err := os.Stat(q.cfg.ControlSocket()); err == nil {
-			c, err := DialQMP(ctx, q.cfg.ControlSocket())
-			if err == nil {
-				q.mu.Lock()
-				q.qmp = c
-				q.mu.Unlock()
-				go c.LogEvents(q.log)
-				if err := q.Ping(ctx); err != nil {
-					return err
-				}
+		c, err := DialQMP(ctx, q.cfg.ControlSocket())
+		if err == nil {
+			q.mu.Lock()
+			q.qmp = c
+			q.mu.Unlock()
+			go c.LogEvents(q.log)
+			if err = q.Ping(ctx); err == nil {
 				return nil
 			}
+			q.mu.Lock()
+			q.qmp = nil
+			q.mu.Unlock()
+			c.Close()
 		}
 		select {
 		case <-q.exited:
 			return fmt.Errorf("qemu: vm %s: qemu exited (%s) before QMP answered: %s", q.cfg.ID, q.status, q.logTail())
 		case <-ctx.Done():
-			return fmt.Errorf("qemu: vm %s: waiting for QMP at %s: %w", q.cfg.ID, q.cfg.ControlSocket(), ctx.Err())
+			return fmt.Errorf("qemu: vm %s: waiting for QMP at %s (%v): %w", q.cfg.ID, q.cfg.ControlSocket(), err, ctx.Err())
 		case <-tick.C:
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -17,6 +18,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/virtiofs"
 )
 
 // needQEMU skips when Debian's qemu-system-x86 is not installed.
@@ -29,7 +31,8 @@ func needQEMU(t *testing.T) {
 
 // haltKernel writes the smallest guest QEMU boots with -kernel: a multiboot
 // image whose code disables interrupts and halts forever. The VM runs (QMP
-// says so) but costs no CPU, which is all the driver tests need.
+// says so) but costs no CPU, which is all the driver tests need. Anyone can
+// read it, as an unprivileged QEMU must.
 func haltKernel(t *testing.T) string {
 	t.Helper()
 	const load = 0x100000
@@ -48,11 +51,32 @@ func haltKernel(t *testing.T) string {
 		binary.LittleEndian.PutUint32(img[4*i:], v)
 	}
 	copy(img[32:], []byte{0xFA, 0xF4, 0xEB, 0xFD}) // cli; hlt; jmp hlt
-	p := filepath.Join(t.TempDir(), "halt.bin")
+	// Not in t.TempDir(), whose top directory is root's alone.
+	dir, err := os.MkdirTemp("", "kuasar-qemu-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	p := filepath.Join(dir, "halt.bin")
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(p, img[:], 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// testUser is a user that owns nothing on this host, for an unprivileged
+// QEMU: each test package run picks its own from the PID, so that
+// packages tested at once do not share one.
+func testUser(t *testing.T) *syscall.Credential {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run QEMU as another user")
+	}
+	id := uint32(0x7b000000 + os.Getpid())
+	return &syscall.Credential{Uid: id, Gid: id}
 }
 
 // startVM starts a halted VM and stops it at the test's end, checking that
@@ -145,11 +169,75 @@ func TestQEMUStartPingStop(t *testing.T) {
 	}
 }
 
-func TestQEMUHotplug(t *testing.T) {
-	dir := t.TempDir()
-	vm := startVM(t, nil)
+// TestQEMUUnprivileged runs QEMU as a user of its own: without
+// capabilities, under its seccomp filter, and unable to open anything of
+// the VM's directory, which it gets as descriptors.
+func TestQEMUUnprivileged(t *testing.T) {
+	user := testUser(t)
+	vm := startVM(t, func(c *hypervisor.Config) { c.RunAs = user })
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", vm.PID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fields := map[string]string{}
+	for _, l := range strings.Split(string(status), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			fields[k] = strings.Join(strings.Fields(v), " ")
+		}
+	}
+	id := fmt.Sprint(user.Uid)
+	for k, want := range map[string]string{
+		"Uid": strings.Repeat(id+" ", 3) + id, "Gid": strings.Repeat(id+" ", 3) + id, "Groups": "",
+		"CapPrm": "0000000000000000", "CapEff": "0000000000000000", "NoNewPrivs": "1", "Seccomp": "2",
+	} {
+		if fields[k] != want {
+			t.Errorf("QEMU's %s: %q, want %q", k, fields[k], want)
+		}
+	}
+	// The console it writes to, through a descriptor.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	if err := vm.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cfg := vm.Config()
+	for _, p := range []string{cfg.Dir, cfg.ConsoleLog(), cfg.ControlSocket()} {
+		cmd := exec.Command("cat", p)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: user}
+		if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "Permission denied") {
+			t.Errorf("QEMU's user reads %s: %v %s", p, err, out)
+		}
+	}
+}
+
+func TestQEMUHotplug(t *testing.T) {
+	t.Run("root", func(t *testing.T) { testHotplug(t, nil) })
+	t.Run("unprivileged", func(t *testing.T) { testHotplug(t, testUser(t)) })
+}
+
+// testHotplug plugs and unplugs devices, which QEMU gets open over QMP.
+func testHotplug(t *testing.T, runAs *syscall.Credential) {
+	dir := t.TempDir()
+	vm := startVM(t, func(c *hypervisor.Config) {
+		c.RunAs, c.HotplugSlots, c.SharedMemory = runAs, 2, true
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	// A virtio-fs device: QEMU gets a connection to virtiofsd, whose
+	// socket it could not open itself, and negotiates with it at once.
+	share := filepath.Join(dir, "share")
+	if err := os.Mkdir(share, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	fsd, err := virtiofs.Start(ctx, virtiofs.Config{SocketPath: filepath.Join(dir, "fs.sock"), SharedDir: share}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fsd.Stop(context.Background()) })
+	if err := vm.AddDevice(ctx, &hypervisor.VirtioFS{ID: "fs1", Tag: "t", SocketPath: filepath.Join(dir, "fs.sock")}); err != nil {
+		t.Fatal(err)
+	}
 
 	// A virtio-serial port: its host socket appears, and it unplugs
 	// without the guest's help.
@@ -169,29 +257,41 @@ func TestQEMUHotplug(t *testing.T) {
 	if err := vm.RemoveDevice(ctx, "port1"); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("an unplugged port's socket is left: %v", err)
+	}
 
-	// A block device takes the one hot-plug slot.
+	// A block device takes the last hot-plug slot.
 	img := filepath.Join(dir, "disk.img")
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	// A failed plug undoes its earlier steps and frees its slot: a missing
-	// file fails at blockdev-add.
+	// A failed plug frees its slot: a missing file fails before QEMU
+	// hears of it; a raw image taken for qcow2 fails at its second
+	// blockdev-add, and the steps before are undone (the file's node and
+	// its fd set).
 	err = vm.AddDevice(ctx, &hypervisor.Block{ID: "disk2", Path: filepath.Join(dir, "missing.img")})
 	if err == nil || !strings.Contains(err.Error(), "missing.img") {
 		t.Fatalf("plugging a missing file: %v", err)
 	}
+	err = vm.AddDevice(ctx, &hypervisor.Block{ID: "disk3", Path: img, Format: "qcow2"})
+	if err == nil || !strings.Contains(err.Error(), "qcow2") {
+		t.Fatalf("plugging a raw image as qcow2: %v", err)
+	}
+	c, _ := vm.QMP()
+	if r, err := c.Execute(ctx, "query-fdsets", nil); err != nil || strings.Contains(string(r), img) {
+		t.Fatalf("fd sets after a failed plug: %s, %v; want none of %s", r, err, img)
+	}
 	if err := vm.AddDevice(ctx, &hypervisor.Block{ID: "disk0", Path: img}); err != nil {
 		t.Fatal(err)
 	}
-	c, _ := vm.QMP()
 	r, err := c.Execute(ctx, "query-block", nil)
 	if err != nil || !strings.Contains(string(r), `"disk0-fmt"`) {
 		t.Fatalf("query-block after plugging disk0: %s, %v", r, err)
 	}
 	err = vm.AddDevice(ctx, &hypervisor.Block{ID: "disk1", Path: img})
 	if err == nil || !strings.Contains(err.Error(), "no free hot-plug slot") {
-		t.Fatalf("second disk with one slot: %v", err)
+		t.Fatalf("a disk with no slot left: %v", err)
 	}
 	// PCIe unplug needs the guest's consent, which a halted guest never
 	// gives: RemoveDevice says so when its context ends.
@@ -215,6 +315,13 @@ func TestQEMUStartErrors(t *testing.T) {
 	}{
 		{"missing kernel file", func(c *hypervisor.Config) { c.Kernel = "/nonexistent/vmlinuz" }, "/nonexistent/vmlinuz"},
 		{"missing binary", func(c *hypervisor.Config) { c.Binary = "/nonexistent/qemu" }, "/nonexistent/qemu"},
+		{"unprivileged, a kernel only root can read", func(c *hypervisor.Config) {
+			c.RunAs = testUser(t)
+			c.Kernel = filepath.Join(c.Dir, "vmlinuz")
+			if err := os.WriteFile(c.Kernel, []byte("x"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}, "cannot read the guest image: directory "},
 		{"unknown virtiofs socket", func(c *hypervisor.Config) {
 			c.SharedMemory = true
 			c.Devices = []hypervisor.Device{&hypervisor.VirtioFS{ID: "fs", Tag: "t", SocketPath: filepath.Join(c.Dir, "nofs.sock")}}
@@ -242,6 +349,9 @@ func TestQEMUStartErrors(t *testing.T) {
 				if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
 					t.Errorf("qemu pid %d left running after a failed start", pid)
 				}
+			}
+			if _, err := os.Stat(cfg.ControlSocket()); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("control socket left after a failed start: %v", err)
 			}
 		})
 	}
