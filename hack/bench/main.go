@@ -249,7 +249,7 @@ func sandboxers(c config) []testenv.Sandboxer {
 				Args: []string{"--log-level", c.logLevel},
 			})
 		case wasm:
-			out = append(out, wasmSandboxer(testenv.Binary("wasm-sandboxer"), c.logLevel))
+			out = append(out, wasmSandboxer(testenv.Binary("wasm-sandboxer"), c.logLevel, c.wasmEngines))
 		case quark:
 			// The gVisor engine with the first platform as the default;
 			// each series names its own by annotation.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -105,7 +106,7 @@ func startWasmAndNative(tb testing.TB, c config, res *results) *testenv.Env {
 	testenv.RequireFiles(tb, wasmSB, runcSB)
 	env := testenv.Start(tb, testenv.Options{
 		Sandboxers: []testenv.Sandboxer{
-			wasmSandboxer(wasmSB, c.logLevel),
+			wasmSandboxer(wasmSB, c.logLevel, c.wasmEngines),
 			{Name: kuasar, Binary: runcSB, Args: []string{"--log-level", c.logLevel}},
 		},
 		LogLevel:     c.logLevel,
@@ -158,10 +159,12 @@ func helloStart(tb testing.TB, env *testenv.Env, c config, podID string, podCfg 
 }
 
 // wasmSandboxer is wasm-sandboxer as the benchmark runs it: engine chosen
-// per pod by annotation (which CRI passes on only when listed).
-func wasmSandboxer(bin, logLevel string) testenv.Sandboxer {
+// per pod by annotation (which CRI passes on only when listed) among
+// engines, which the daemon must allow.
+func wasmSandboxer(bin, logLevel string, engines []string) testenv.Sandboxer {
 	return testenv.Sandboxer{
 		Name: wasm, Binary: bin, Args: []string{"--log-level", logLevel},
+		ConfigTOML:  fmt.Sprintf("[wasm]\nengine = %q\nallowed_engines = [\"%s\"]\n", engines[0], strings.Join(engines, `", "`)),
 		RuntimeTOML: "  pod_annotations = [\"wasm.kuasar-go.io/*\"]\n  container_annotations = [\"wasm.kuasar-go.io/*\"]",
 	}
 }

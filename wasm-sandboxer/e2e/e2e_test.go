@@ -56,6 +56,12 @@ func startEnv(t *testing.T, configTOML string) *testenv.Env {
 // build as this test's (make build builds it with cgo, so with wasmtime).
 func engines() []string { return engine.Names() }
 
+// allEngines is a configuration that lets the engine annotation choose
+// any engine of the build.
+func allEngines() string {
+	return fmt.Sprintf("[wasm]\nallowed_engines = [\"%s\"]\n", strings.Join(engines(), `", "`))
+}
+
 func wasmContainer(name string, args ...string) *runtime.ContainerConfig {
 	c := testenv.ContainerConfig(name)
 	c.Image = &runtime.ImageSpec{Image: testenv.WasmImage}
@@ -75,7 +81,7 @@ func podWithEngine(env *testenv.Env, eng string) *runtime.PodSandboxConfig {
 // long-running one stopped by StopContainer, ExecSync, and nothing left
 // behind.
 func TestE2EWasmPod(t *testing.T) {
-	env := startEnv(t, "")
+	env := startEnv(t, allEngines())
 	for _, eng := range engines() {
 		t.Run(eng, func(t *testing.T) {
 			before := env.Snapshot()
@@ -180,25 +186,22 @@ func nsLink(t *testing.T, pid int, ns string) string {
 
 // expectedRunner is the binary of an engine's module processes.
 func expectedRunner(eng string) string {
-	if eng == "wasmtime" && cRunnerBuilt() {
+	if eng == "wasmtime" {
 		return runner.WasmtimeBinaryName
 	}
 	return runner.BinaryName
 }
 
-func cRunnerBuilt() bool {
-	_, err := os.Stat(testenv.Binary(runner.WasmtimeBinaryName))
-	return err == nil
-}
-
-// mustExe is the base name of a process's executable.
-func mustExe(t *testing.T, pid int) string {
+// runs reports whether a process's executable is the program at path (runc
+// execs it from a read-only clone of the file, which names no path).
+func runs(t *testing.T, pid int, path string) bool {
 	t.Helper()
-	l, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-	if err != nil {
-		t.Fatal(err)
+	exe, err1 := os.Stat(fmt.Sprintf("/proc/%d/exe", pid))
+	want, err2 := os.Stat(path)
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
 	}
-	return filepath.Base(l)
+	return os.SameFile(exe, want)
 }
 
 // TestE2EWasmIsolation: the module processes of a pod's containers share
@@ -207,7 +210,7 @@ func mustExe(t *testing.T, pid int) string {
 // allocating past it fails, a smaller one succeeds), and pause, resume,
 // ps and kill work through containerd's own client.
 func TestE2EWasmIsolation(t *testing.T) {
-	env := startEnv(t, "")
+	env := startEnv(t, allEngines())
 	before := env.Snapshot()
 	for _, eng := range engines() {
 		t.Run(eng, func(t *testing.T) {
@@ -227,10 +230,9 @@ func TestE2EWasmIsolation(t *testing.T) {
 				}
 			}
 			// The module process is the runner meant for the engine:
-			// kuasar-wasm-runner-wasmtime (no Go runtime) for wasmtime
-			// when make build built it beside the daemon.
-			if exe, want := mustExe(t, pa), expectedRunner(eng); exe != want {
-				t.Errorf("%s module process runs %s, want %s", eng, exe, want)
+			// kuasar-wasm-runner-wasmtime (no Go runtime) for wasmtime.
+			if want := expectedRunner(eng); !runs(t, pa, testenv.Binary(want)) {
+				t.Errorf("%s module process does not run %s", eng, want)
 			}
 			cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pa))
 			if !strings.Contains(string(cg), "/"+aID+"\n") || !strings.Contains(string(cg), podID) {
@@ -284,7 +286,7 @@ func TestE2EWasmIsolation(t *testing.T) {
 // error or the exit code and log), leaves nothing behind, and the pod goes
 // on running containers.
 func TestE2EWasmBadInput(t *testing.T) {
-	env := startEnv(t, "")
+	env := startEnv(t, allEngines())
 	before := env.Snapshot()
 	podCfg := env.PodConfig()
 	podID := env.RunPod(t, handler, podCfg)
@@ -338,8 +340,8 @@ func TestE2EWasmBadInput(t *testing.T) {
 	trap := wasmContainer("trap")
 	trap.Command = []string{"/trap.wasm"}
 	trapID := env.CreateStartContainer(t, podID, podCfg, trap)
-	if code := env.WaitContainerExited(t, trapID, 30*time.Second); code != wasmrt.ExitTrap {
-		t.Errorf("trapping module: exit %d, want %d", code, wasmrt.ExitTrap)
+	if code := env.WaitContainerExited(t, trapID, 30*time.Second); code != runner.ExitTrap {
+		t.Errorf("trapping module: exit %d, want %d", code, runner.ExitTrap)
 	}
 	if log := env.ReadLog(t, podCfg, trap); !strings.Contains(log, "wasm trap") || !strings.Contains(log, "unreachable") {
 		t.Errorf("trapping module's log: %q", log)
@@ -370,7 +372,7 @@ func TestE2EWasmBadInput(t *testing.T) {
 // rootfs is empty) run their module, read from containerd's content store;
 // a WASI component is refused clearly.
 func TestE2EWasmOCIArtifact(t *testing.T) {
-	env := startEnv(t, "")
+	env := startEnv(t, allEngines())
 	before := env.Snapshot()
 	prog, err := testenv.WasmTestProgram("wasip1", "wasm")
 	if err != nil {
@@ -424,8 +426,8 @@ func TestE2EWasmOCIArtifact(t *testing.T) {
 // damaged) fails the container's start clearly, is dropped from the cache,
 // and the next start compiles the module again and runs it.
 func TestE2EWasmBadCache(t *testing.T) {
-	if !slices.Contains(engines(), "wasmtime") || !cRunnerBuilt() {
-		t.Skip("needs wasmtime and " + runner.WasmtimeBinaryName + " (make build)")
+	if !slices.Contains(engines(), "wasmtime") {
+		t.Skip("needs wasmtime (cgo)")
 	}
 	cache := t.TempDir()
 	env := startEnv(t, fmt.Sprintf("[wasm]\nengine = \"wasmtime\"\ncache_dir = %q\n", cache))
@@ -439,10 +441,11 @@ func TestE2EWasmBadCache(t *testing.T) {
 	if code := env.WaitContainerExited(t, firstID, 60*time.Second); code != 0 {
 		t.Fatalf("first container: exit %d, log %q", code, env.ReadLog(t, podCfg, first))
 	}
-	code, _ := filepath.Glob(filepath.Join(cache, "wasmtime-"+engine.Version("wasmtime"), "code", "*.cwasm"))
+	code, _ := filepath.Glob(filepath.Join(cache, "wasmtime-"+engine.Version("wasmtime"), "*", engine.WasmtimeCodeFile))
 	if len(code) != 1 {
 		t.Fatalf("compiled modules in the cache: %v, want one", code)
 	}
+	entry := filepath.Dir(code[0])
 	// Same size, not wasmtime's serialized code any more.
 	data, err := os.ReadFile(code[0])
 	if err != nil {
@@ -458,8 +461,8 @@ func TestE2EWasmBadCache(t *testing.T) {
 	bad := wasmContainer("bad-cache", "echo", "never")
 	badID := env.CreateContainer(t, podID, podCfg, bad)
 	_, err = env.Runtime.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: badID})
-	if err == nil || !strings.Contains(err.Error(), "cannot load the compiled module") || !strings.Contains(err.Error(), code[0]) {
-		t.Errorf("StartContainer with a bad cached module: %v; want it to name the cache file", err)
+	if err == nil || !strings.Contains(err.Error(), "cannot load the compiled module") || !strings.Contains(err.Error(), entry) {
+		t.Errorf("StartContainer with a bad cached module: %v; want it to name the cache entry", err)
 	}
 	t.Logf("StartContainer with a bad cached module: %v", err)
 	if _, err := env.Runtime.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: badID}); err != nil {

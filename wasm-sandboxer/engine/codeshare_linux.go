@@ -62,10 +62,11 @@ func codeRegions() map[codeRegion]bool {
 }
 
 // shareCode handles the code regions that appeared since before: each is
-// mapped from dir/<key>-<size>.code when that file holds the same bytes,
-// else written there for the next process. Any failure leaves the region
-// as it is (private memory): sharing is an optimisation only.
-func shareCode(dir, key string, before map[codeRegion]bool) {
+// mapped from dir/<size>.code (dir is the module's cache entry's) when that
+// file holds the same bytes, else written there for the next process. Any
+// failure leaves the region as it is (private memory): sharing is an
+// optimisation only.
+func shareCode(dir string, before map[codeRegion]bool) {
 	if before == nil {
 		return
 	}
@@ -84,7 +85,7 @@ func shareCode(dir, key string, before map[codeRegion]bool) {
 	}
 	defer mem.Close()
 	for _, r := range fresh {
-		path := filepath.Join(dir, fmt.Sprintf("%s-%d.code", key, r.size()))
+		path := filepath.Join(dir, fmt.Sprintf("%d.code", r.size()))
 		region := io.NewSectionReader(mem, int64(r.start), int64(r.size()))
 		if _, err := os.Stat(path); err != nil {
 			writeCode(path, region)

@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -21,10 +22,11 @@ import (
 
 // Options configure an engine.
 type Options struct {
-	// CacheDir holds compiled modules across processes, keyed by the
-	// module's content; each engine uses a subdirectory named after itself
-	// and its version. Empty disables the cache.
-	CacheDir string
+	// Cache is the module's entry in a compiled-module cache (EntryDir): a
+	// directory of one module's compiled code for the engine, which
+	// Compile fills when it compiles and loads from when it holds the
+	// code. Empty compiles without a cache.
+	Cache string
 	// MaxMemoryBytes caps each instance's linear memory; 0 keeps the
 	// engine's default (4 GiB for wasm32).
 	MaxMemoryBytes uint64
@@ -127,54 +129,34 @@ func Version(name string) string {
 	return factories[name].version
 }
 
-// cacheSubdir is the engine's directory below Options.CacheDir.
-func cacheSubdir(cacheDir, name string) string {
-	return filepath.Join(cacheDir, name+"-"+Version(name))
+// A compiled-module cache holds one directory per engine and engine
+// version, and in it one entry per module, named after the module's key:
+// <cache>/<engine>-<version>/<key>/. An entry is complete once it has its
+// name (it is filled under a temporary name and renamed), and holds one
+// module's code only, so that the process running the module can be
+// given that entry and nothing else of the cache.
+
+// EntryDir is the cache entry of the module whose key is key for the
+// engine called name.
+func EntryDir(cacheDir, name, key string) string {
+	return filepath.Join(cacheDir, name+"-"+Version(name), key)
 }
 
-// InCache reports whether a process has compiled wasm with the engine
-// into cacheDir (MarkCached recorded it), without loading anything.
-func InCache(cacheDir, name string, wasm []byte) bool {
-	if cacheDir == "" {
-		return false
-	}
-	_, err := os.Stat(filepath.Join(cacheSubdir(cacheDir, name), "index", Key(wasm)))
-	return err == nil
+// InCache reports whether cacheDir has the entry of key for the engine.
+func InCache(cacheDir, name, key string) bool {
+	fi, err := os.Stat(EntryDir(cacheDir, name, key))
+	return err == nil && fi.IsDir()
 }
 
-// markCached records that wasm's compiled code is in the engine's cache.
-func markCached(cacheDir, name string, wasm []byte) {
-	if cacheDir == "" {
-		return
-	}
-	_ = cacheFile(filepath.Join(cacheSubdir(cacheDir, name), "index", Key(wasm)), nil)
+// Uncache removes the entry of key for the engine (code that could not be
+// loaded), so that the next start compiles the module again.
+func Uncache(cacheDir, name, key string) error {
+	return os.RemoveAll(EntryDir(cacheDir, name, key))
 }
 
-// WasmtimeCodePath is where the wasmtime engine keeps wasm's compiled
-// code (wasmtime's serialized module) in cacheDir, for runners that load it
-// themselves (kuasar-wasm-runner-wasmtime); "" without a cache.
-func WasmtimeCodePath(cacheDir string, wasm []byte) string {
-	if cacheDir == "" {
-		return ""
-	}
-	return wasmtimeCodePath(cacheDir, Key(wasm))
-}
-
-func wasmtimeCodePath(cacheDir, key string) string {
-	return filepath.Join(cacheSubdir(cacheDir, "wasmtime"), "code", key+".cwasm")
-}
-
-// Uncache forgets wasm's compiled code of the engine in cacheDir (a file a
-// runner could not load), so that the next start compiles it again.
-func Uncache(cacheDir, name string, wasm []byte) {
-	if cacheDir == "" {
-		return
-	}
-	os.Remove(filepath.Join(cacheSubdir(cacheDir, name), "index", Key(wasm)))
-	if name == "wasmtime" {
-		os.Remove(wasmtimeCodePath(cacheDir, Key(wasm)))
-	}
-}
+// WasmtimeCodeFile is the file of a wasmtime cache entry that holds the
+// module's serialized code (what kuasar-wasm-runner-wasmtime maps).
+const WasmtimeCodeFile = "module.cwasm"
 
 // Names lists the engines this build has, sorted.
 func Names() []string {
@@ -218,8 +200,17 @@ func IsWasm(b []byte) bool { return len(b) >= 8 && bytes.Equal(b[:4], magic) }
 
 // Key is the cache key of a module: the hex SHA-256 of its bytes.
 func Key(wasm []byte) string {
-	h := sha256.Sum256(wasm)
-	return hex.EncodeToString(h[:])
+	k, _ := KeyOf(bytes.NewReader(wasm))
+	return k
+}
+
+// KeyOf is the cache key of the module r reads, read a buffer at a time.
+func KeyOf(r io.Reader) (string, error) {
+	h := sha256.New()
+	if _, err := io.Copy(h, r); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // cacheFile writes data to path atomically (a temporary file renamed), so

@@ -59,12 +59,17 @@ func helper(reqJSON string) int {
 	resp := helperResp{}
 	defer func() { json.NewEncoder(out).Encode(resp) }()
 	ctx := context.Background()
-	e, err := New(req.Engine, Options{CacheDir: req.CacheDir, MaxMemoryBytes: req.MaxMem})
+	wasm, err := os.ReadFile(req.Module)
 	if err != nil {
 		resp.Err = err.Error()
 		return 0
 	}
-	wasm, err := os.ReadFile(req.Module)
+	opts := Options{MaxMemoryBytes: req.MaxMem}
+	if req.CacheDir != "" {
+		// One entry per module, as the sandboxer's compile child fills them.
+		opts.Cache = EntryDir(req.CacheDir, req.Engine, Key(wasm))
+	}
+	e, err := New(req.Engine, opts)
 	if err != nil {
 		resp.Err = err.Error()
 		return 0
@@ -264,17 +269,18 @@ func TestEngines(t *testing.T) {
 			if second.CompileMS*3 > first.CompileMS {
 				t.Errorf("loading from the cache took %d ms, compiling %d ms: not a cache hit", second.CompileMS, first.CompileMS)
 			}
-			if entries, _ := filepath.Glob(filepath.Join(cache, "*", "code", "*")); len(entries) == 0 {
-				t.Errorf("cache %s holds no code", cache)
-			}
 			prog, _ := os.ReadFile(filepath.Join(root, "app.wasm"))
-			if !InCache(cache, name, prog) || InCache(cache, name, []byte("other")) || InCache("", name, prog) {
+			entry := EntryDir(cache, name, Key(prog))
+			if files, _ := filepath.Glob(filepath.Join(entry, "*")); len(files) == 0 {
+				t.Errorf("cache entry %s holds no code", entry)
+			}
+			if !InCache(cache, name, Key(prog)) || InCache(cache, name, Key([]byte("other"))) || InCache("", name, Key(prog)) {
 				t.Error("InCache does not tell the cached module from others")
 			}
 			// wazero's shared code file is used only when it holds the very
 			// bytes of the code: a corrupted one leaves the private copy.
 			if name == "wazero" {
-				files, _ := filepath.Glob(filepath.Join(cache, "wazero-*", "shared", "*.code"))
+				files, _ := filepath.Glob(filepath.Join(entry, "shared", "*.code"))
 				if len(files) == 0 {
 					t.Fatal("no shared code file")
 				}
@@ -310,5 +316,21 @@ func TestUnknownEngine(t *testing.T) {
 	}
 	if err := Check("wazero"); err != nil {
 		t.Errorf("Check(wazero): %v", err)
+	}
+}
+
+// TestKey: the streamed key is the key of the bytes; another module has
+// another key; entries are per engine and key.
+func TestKey(t *testing.T) {
+	wasm := bytes.Repeat([]byte("\x00asm\x01\x00\x00\x00"), 100_000)
+	streamed, err := KeyOf(bytes.NewReader(wasm))
+	if err != nil || streamed != Key(wasm) || len(streamed) != 64 {
+		t.Fatalf("KeyOf %q, %v; Key %q", streamed, err, Key(wasm))
+	}
+	if Key(wasm[1:]) == Key(wasm) {
+		t.Error("two modules, one key")
+	}
+	if a, b := EntryDir("/c", "wazero", "k"), EntryDir("/c", "wazero", "l"); a == b || filepath.Dir(a) != filepath.Dir(b) {
+		t.Errorf("entries %s and %s", a, b)
 	}
 }

@@ -29,8 +29,8 @@ type wasmEdgeEngine struct {
 func newWasmEdge(opts Options) (Engine, error) {
 	wasmedge.SetLogErrorLevel()
 	e := &wasmEdgeEngine{opts: opts}
-	if opts.CacheDir != "" {
-		e.cacheDir = filepath.Join(cacheSubdir(opts.CacheDir, "wasmedge"), "code")
+	if opts.Cache != "" {
+		e.cacheDir = opts.Cache
 	}
 	return e, nil
 }
@@ -55,7 +55,7 @@ func (e *wasmEdgeEngine) config() *wasmedge.Configure {
 }
 
 // Compile validates the module and, with a cache, compiles it ahead of
-// time into <cache>/<sha256>.wasm (a universal wasm file: the module plus
+// time into the entry's module.wasm (a universal wasm file: the module plus
 // WasmEdge's native code, which its loader prefers). A libwasmedge built
 // without the AOT compiler runs modules in its interpreter.
 func (e *wasmEdgeEngine) Compile(ctx context.Context, wasm []byte) (Module, error) {
@@ -80,7 +80,7 @@ func (e *wasmEdgeEngine) Compile(ctx context.Context, wasm []byte) (Module, erro
 	if e.cacheDir == "" {
 		return m, nil
 	}
-	path := filepath.Join(e.cacheDir, Key(wasm)+".wasm")
+	path := filepath.Join(e.cacheDir, "module.wasm")
 	if _, err := os.Stat(path); err == nil {
 		m.path, m.cached = path, true
 		return m, nil
@@ -99,7 +99,6 @@ func (e *wasmEdgeEngine) Compile(ctx context.Context, wasm []byte) (Module, erro
 		os.Remove(tmp)
 		return m, nil
 	}
-	markCached(e.opts.CacheDir, "wasmedge", wasm)
 	m.path = path
 	return m, nil
 }

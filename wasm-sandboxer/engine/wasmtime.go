@@ -21,18 +21,13 @@ const WasmtimeVersion = "v39.0.1"
 func init() { Register("wasmtime", WasmtimeVersion, newWasmtime) }
 
 type wasmtimeEngine struct {
-	engine   *wasmtime.Engine
-	cacheDir string // <cache>/wasmtime-<version>/code (wasmtimeCodePath)
-	opts     Options
+	engine *wasmtime.Engine
+	opts   Options
 }
 
 func newWasmtime(opts Options) (Engine, error) {
 	cfg := wasmtime.NewConfig()
-	e := &wasmtimeEngine{engine: wasmtime.NewEngineWithConfig(cfg), opts: opts}
-	if opts.CacheDir != "" {
-		e.cacheDir = filepath.Join(cacheSubdir(opts.CacheDir, "wasmtime"), "code")
-	}
-	return e, nil
+	return &wasmtimeEngine{engine: wasmtime.NewEngineWithConfig(cfg), opts: opts}, nil
 }
 
 func (e *wasmtimeEngine) Name() string { return "wasmtime" }
@@ -42,15 +37,15 @@ func (e *wasmtimeEngine) Close(ctx context.Context) error {
 	return nil
 }
 
-// Compile loads <cache>/<sha256>.cwasm (wasmtime's serialized code) or
-// compiles the module and stores it there.
+// Compile loads the cache entry's WasmtimeCodeFile (wasmtime's serialized
+// code) or compiles the module and stores it there.
 func (e *wasmtimeEngine) Compile(ctx context.Context, wasm []byte) (Module, error) {
 	if !IsWasm(wasm) {
 		return nil, fmt.Errorf("%w: no \\0asm header", ErrInvalidModule)
 	}
 	var path string
-	if e.cacheDir != "" {
-		path = wasmtimeCodePath(e.opts.CacheDir, Key(wasm))
+	if e.opts.Cache != "" {
+		path = filepath.Join(e.opts.Cache, WasmtimeCodeFile)
 		if _, err := os.Stat(path); err == nil {
 			m, err := wasmtime.NewModuleDeserializeFile(e.engine, path)
 			if err == nil {
@@ -66,8 +61,8 @@ func (e *wasmtimeEngine) Compile(ctx context.Context, wasm []byte) (Module, erro
 	}
 	if path != "" {
 		// A cache that cannot be written costs only the next compile.
-		if data, err := m.Serialize(); err == nil && cacheFile(path, data) == nil {
-			markCached(e.opts.CacheDir, "wasmtime", wasm)
+		if data, err := m.Serialize(); err == nil {
+			_ = cacheFile(path, data)
 		}
 	}
 	return &wasmtimeModule{e: e, m: m}, nil

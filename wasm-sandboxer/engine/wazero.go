@@ -31,9 +31,9 @@ func newWazero(opts Options) (Engine, error) {
 	ctx := context.Background()
 	cfg := wazero.NewRuntimeConfigCompiler().WithCloseOnContextDone(true)
 	e := &wazeroEngine{opts: opts}
-	if opts.CacheDir != "" {
+	if opts.Cache != "" {
 		// wazero keys its files by the module's content and its own version.
-		e.cacheDir = filepath.Join(cacheSubdir(opts.CacheDir, "wazero"), "code")
+		e.cacheDir = filepath.Join(opts.Cache, "code")
 		cache, err := wazero.NewCompilationCacheWithDir(e.cacheDir)
 		if err != nil {
 			return nil, fmt.Errorf("wazero cache %s: %w", e.cacheDir, err)
@@ -94,8 +94,7 @@ func (e *wazeroEngine) Compile(ctx context.Context, wasm []byte) (Module, error)
 	cached := before > 0 && e.cacheEntries() == before
 	// The module's machine code: from a file shared by every process that
 	// runs it, rather than private memory (see shareCode).
-	shareCode(filepath.Join(filepath.Dir(e.cacheDir), "shared"), Key(wasm), regions)
-	markCached(e.opts.CacheDir, "wazero", wasm)
+	shareCode(filepath.Join(filepath.Dir(e.cacheDir), "shared"), regions)
 	return &wazeroModule{e: e, cm: cm, cached: cached}, nil
 }
 

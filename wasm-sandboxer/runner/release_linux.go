@@ -8,9 +8,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// openProcSelf opens /proc/self before the process chroots into the
-// container's rootfs (which has no /proc); releaseStartupPages reads
-// smaps through it.
+// openProcSelf opens /proc/self (the container's), which
+// releaseStartupPages reads smaps through.
 func openProcSelf() *os.File {
 	f, err := os.Open("/proc/self")
 	if err != nil {

@@ -1,52 +1,64 @@
-// Package runner is a wasm container's process, and the compiler that
-// fills the compiled-module cache: the small kuasar-wasm-runner binary
-// (cmd/kuasar-wasm-runner) or, when it is not installed beside the daemon,
-// the daemon's binary re-executed. It imports only the engines and what
-// the process needs, so that a module process does not pay for the
-// daemon's packages (gRPC, protobuf registries, containerd, zap) in
-// initialisation time and memory.
+// Package runner is what runs a wasm container's module, and what fills
+// the compiled-module cache:
+//
+//   - run: a container's process. runc runs it like any container's
+//     process (inside the container's root after pivot_root, in its
+//     namespaces and cgroup, as its user, with its capabilities,
+//     no_new_privs and seccomp filter), exec'ing it from a descriptor it
+//     passes on: the runner is not in the container's rootfs, so it must
+//     be a static program (kuasar-wasm-runner, built without cgo, runs
+//     wazero; kuasar-wasm-runner-wasmtime, C, runs wasmtime). What it runs
+//     comes as descriptors too (see the FD constants), never as host paths.
+//   - compile: the daemon's binary re-executed on the host, in a cgroup with
+//     limits and under a deadline, compiles one module into a cache entry.
+//
+// Run mode imports only the engines and what the process needs, so that a
+// module process does not pay for the daemon's packages in memory.
 package runner
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"os/signal"
 	"runtime"
 	"runtime/debug"
-	"syscall"
 	"time"
+	"unsafe"
 
-	"github.com/containerd/fifo"
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/engine"
 )
 
-// The daemon starts a runner for two jobs, told by EnvMode: "compile"
-// fills the compiled-module cache outside any container, "run" is a
-// container's process (init or exec'd), living in the pod's namespaces and
-// the container's cgroup until the module exits.
 const (
+	// EnvMode tells a child its job: ModeRun or ModeCompile.
 	EnvMode     = "KUASAR_GO_WASM_CHILD"
 	ModeRun     = "run"
 	ModeCompile = "compile"
 
-	// BinaryName is the runner binary the daemon looks for beside its own.
+	// BinaryName is the runner of the engines other than wasmtime, which
+	// the daemon looks for beside its own binary.
 	BinaryName = "kuasar-wasm-runner"
-	// WasmtimeBinaryName is the runner without a Go runtime, for the
-	// wasmtime engine's module processes only (C, on wasmtime's C API:
-	// cmd/kuasar-wasm-runner-wasmtime). It speaks this package's "run"
-	// protocol; compiling stays with BinaryName.
+	// WasmtimeBinaryName is the wasmtime engine's runner, C on wasmtime's
+	// C API (cmd/kuasar-wasm-runner-wasmtime), beside it too.
 	WasmtimeBinaryName = "kuasar-wasm-runner-wasmtime"
 
-	// File descriptors of a run child: the control pipe (config line, then
-	// one byte that starts the module) and the status pipe (one JSON
-	// status once the module is ready to start, or why it is not).
-	ControlFD = 3
-	StatusFD  = 4
+	// Descriptors of a module process (runc create/exec --preserve-fds).
+	BinaryFD = 3 // the runner itself, a read-only mount of the file
+	ConfigFD = 4 // RunConfig as JSON
+	StatusFD = 5 // one Status as JSON once ready, or why not; then closed
+	ModuleFD = 6 // the module, opened read-only in the container's rootfs
+	CacheFD  = 7 // with RunConfig.Cached: the module's cache entry, a read-only mount of that directory
+
+	// BinaryPath is what runc execs: the runner, through BinaryFD.
+	BinaryPath = "/proc/self/fd/3"
+
+	// CompileModuleFD is a compile child's module.
+	CompileModuleFD = 3
 
 	// ExitInvalidModule is a compile child's exit code for a module the
 	// engine rejects.
@@ -56,13 +68,18 @@ const (
 	ExitTrap = 134
 
 	// maxProcs bounds the Go scheduler's Ps of a module process: a WASI
-	// preview 1 module runs on one thread (wasmtime's in a cgo call, which
-	// gives its P back; wazero's on a goroutine). Each P costs a cache of
-	// heap spans and more threads: 1 instead of 2 saves 0.1 MiB per
-	// container with wasmtime, 0.35 MiB with wazero. The daemon starts the
-	// process with GOMAXPROCS=1 already, so that the second P is never made.
+	// preview 1 module runs on one thread. Each P costs a cache of heap
+	// spans and more threads: 1 instead of 2 saves 0.35 MiB per container
+	// with wazero. The daemon sets GOMAXPROCS=1 in its environment already,
+	// so that the second P is never made.
 	maxProcs = 1
+
+	// maxConfig bounds the configuration a runner reads.
+	maxConfig = 16 << 20
 )
+
+// CachePath is where a module process finds its cache entry.
+var CachePath = fmt.Sprintf("/proc/self/fd/%d", CacheFD)
 
 // IsChild reports whether this process was started as a module process or
 // a compiler.
@@ -80,26 +97,43 @@ func Main() {
 	os.Exit(1)
 }
 
-// CompileRequest is a compile child's stdin.
+// CompileRequest is a compile child's stdin; the module is its descriptor
+// CompileModuleFD.
 type CompileRequest struct {
-	Engine   string `json:"engine"`
-	CacheDir string `json:"cache_dir"`
-	Module   string `json:"module"`
+	Engine string `json:"engine"`
+	// Entry is the directory to fill: a temporary one, which the daemon
+	// makes the module's cache entry once it has checked the result.
+	Entry string `json:"entry"`
+	// MaxSize bounds the module read.
+	MaxSize int64 `json:"max_size"`
+}
+
+// CompileResult is a compile child's stdout: the key of the bytes it
+// compiled.
+type CompileResult struct {
+	Key string `json:"key"`
 }
 
 func compileMain() int {
 	var req CompileRequest
-	if err := json.NewDecoder(os.Stdin).Decode(&req); err != nil {
+	if err := json.NewDecoder(io.LimitReader(os.Stdin, maxConfig)).Decode(&req); err != nil {
 		fmt.Fprintf(os.Stderr, "decode compile request: %v", err)
 		return 1
 	}
-	wasm, err := os.ReadFile(req.Module)
+	module := os.NewFile(CompileModuleFD, "module")
+	// pread: the daemon passes the same file to the container's process.
+	wasm, err := io.ReadAll(io.NewSectionReader(module, 0, req.MaxSize+1))
+	module.Close()
 	if err != nil {
-		fmt.Fprint(os.Stderr, err)
+		fmt.Fprintf(os.Stderr, "read the module: %v", err)
 		return 1
 	}
+	if int64(len(wasm)) > req.MaxSize {
+		fmt.Fprintf(os.Stderr, "the module is larger than %d bytes", req.MaxSize)
+		return ExitInvalidModule
+	}
 	ctx := context.Background()
-	e, err := engine.New(req.Engine, engine.Options{CacheDir: req.CacheDir})
+	e, err := engine.New(req.Engine, engine.Options{Cache: req.Entry})
 	if err != nil {
 		fmt.Fprint(os.Stderr, err)
 		return 1
@@ -114,34 +148,25 @@ func compileMain() int {
 	}
 	m.Close(ctx)
 	e.Close(ctx)
+	if err := json.NewEncoder(os.Stdout).Encode(CompileResult{Key: engine.Key(wasm)}); err != nil {
+		return 1
+	}
 	return 0
 }
 
-// RunConfig is what the daemon tells a module process (one JSON line on
-// the control pipe).
+// RunConfig is what the daemon tells a module process (ConfigFD).
 type RunConfig struct {
-	Engine   string `json:"engine"`
-	CacheDir string `json:"cache_dir,omitempty"`
-	// Module is the module's host path; Rootfs the container's root
-	// filesystem, which becomes the process's root and WASI's "/".
-	Module string `json:"module"`
-	// Compiled is the module's compiled code in the cache, for runners
-	// that do not find it themselves (kuasar-wasm-runner-wasmtime); this
-	// package's runner ignores it.
-	Compiled string   `json:"compiled,omitempty"`
-	Rootfs   string   `json:"rootfs"`
-	Args     []string `json:"args"`
-	Env      []string `json:"env,omitempty"`
-	// Stdin, Stdout and Stderr are containerd's FIFOs ("" keeps /dev/null).
-	Stdin  string   `json:"stdin,omitempty"`
-	Stdout string   `json:"stdout,omitempty"`
-	Stderr string   `json:"stderr,omitempty"`
-	UID    uint32   `json:"uid,omitempty"`
-	GID    uint32   `json:"gid,omitempty"`
-	Groups []uint32 `json:"groups,omitempty"`
+	Engine string `json:"engine"`
+	// Key is the module's key as the daemon read it (engine.Key): the
+	// runner refuses module bytes of another key.
+	Key string `json:"key"`
+	// Cached: CacheFD is the module's cache entry.
+	Cached bool `json:"cached,omitempty"`
+	// Args and Env are the module's (WASI's), args[0] included.
+	Args []string `json:"args"`
+	Env  []string `json:"env,omitempty"`
 	// MemoryLimit is the container's memory limit in bytes (0: none).
 	MemoryLimit uint64 `json:"memory_limit,omitempty"`
-	Hostname    string `json:"hostname,omitempty"`
 }
 
 // Status is what a module process reports once ready (Error empty) or
@@ -160,52 +185,40 @@ type Status struct {
 // that its start mapped (releaseStartupPages) a second time.
 const releaseAfter = time.Second
 
-// openTimeout bounds the wait for containerd's side of a FIFO.
-const openTimeout = 30 * time.Second
+// errChanged: the module's bytes are not those the daemon checked.
+var errChanged = errors.New("the module changed since the daemon read it")
 
 func runMain() int {
 	if runtime.GOMAXPROCS(0) > maxProcs {
 		runtime.GOMAXPROCS(maxProcs)
 	}
-	ctl := os.NewFile(ControlFD, "control")
+	setName("kuasar-wasm")
+	exitOnSignalsAsInit()
 	status := os.NewFile(StatusFD, "status")
 	report := func(st Status) {
+		// The daemon may have gone (restarted) since: that is no error.
 		json.NewEncoder(status).Encode(st)
 		status.Close()
 	}
-	rd := bufio.NewReader(ctl)
-	line, err := rd.ReadBytes('\n')
+	cfg, err := readConfig()
 	if err != nil {
-		report(Status{Error: fmt.Sprintf("read config: %v", err)})
+		report(Status{Error: err.Error()})
 		return 1
 	}
-	var cfg RunConfig
-	if err := json.Unmarshal(line, &cfg); err != nil {
-		report(Status{Error: fmt.Sprintf("decode config: %v", err)})
-		return 1
-	}
-	procSelf := openProcSelf() // before prepare chroots
+	procSelf := openProcSelf()
 	inst, cached, err := prepare(cfg)
 	if err != nil {
-		report(Status{Error: err.Error(), Invalid: errors.Is(err, engine.ErrInvalidModule) || errors.Is(err, engine.ErrLink)})
+		report(Status{Error: err.Error(), Invalid: errors.Is(err, engine.ErrInvalidModule) || errors.Is(err, engine.ErrLink) || errors.Is(err, errChanged)})
 		return 1
 	}
 	report(Status{Cached: cached})
 	// The file pages that loading and instantiating mapped leave this
 	// process's page tables (they stay in the page cache; see
-	// releaseStartupPages). What they left behind on the heap (the
-	// module's bytes, the engine's decoding buffers) goes back to the
-	// kernel now, while the process waits: else the Go heap keeps it
-	// resident for the life of the container.
+	// releaseStartupPages), and what they left on the heap goes back to
+	// the kernel: else the Go heap keeps it resident for the life of the
+	// container.
 	releaseStartupPages(procSelf)
 	debug.FreeOSMemory()
-
-	// Created: wait for Start. The daemon closing the pipe without a byte
-	// means the process is deleted unstarted.
-	if _, err := rd.ReadByte(); err != nil {
-		return 1
-	}
-	ctl.Close()
 	// Once more when the module has initialised itself (a Go module's
 	// runtime start touches much of its code and of the engine's).
 	if procSelf != nil {
@@ -219,67 +232,76 @@ func runMain() int {
 	return code
 }
 
-// prepare does everything before the module runs: FIFOs, the engine and
-// module (from the cache), the root, the user, and instantiation.
+// exitOnSignalsAsInit makes SIGTERM, SIGINT and SIGHUP end the process
+// as they end any other one (exit status 128 + the signal) when it is its
+// PID namespace's init (a container with a PID namespace of its own), to
+// which the kernel sends no signal it has no handler for: a WASI module
+// cannot handle signals, so the runner does what their default would.
+func exitOnSignalsAsInit() {
+	if os.Getpid() != 1 {
+		return
+	}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
+	go func() {
+		s := <-sigs
+		os.Exit(128 + int(s.(unix.Signal)))
+	}()
+}
+
+// setName sets what ps shows as the process's name, rather than the
+// descriptor runc exec'd ("3").
+func setName(name string) {
+	b := append([]byte(name), 0)
+	_ = unix.Prctl(unix.PR_SET_NAME, uintptr(unsafe.Pointer(&b[0])), 0, 0, 0)
+}
+
+func readConfig() (RunConfig, error) {
+	var cfg RunConfig
+	f := os.NewFile(ConfigFD, "config")
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxConfig))
+	if err != nil {
+		return cfg, fmt.Errorf("read config: %w", err)
+	}
+	if err := json.Unmarshal(data, &cfg); err != nil {
+		return cfg, fmt.Errorf("decode config: %w", err)
+	}
+	return cfg, nil
+}
+
+// prepare does everything before the module runs: the engine, the module
+// (its code from the cache entry), instantiation with WASI, "/" being the
+// container's root.
 func prepare(cfg RunConfig) (engine.Instance, bool, error) {
 	if cfg.MemoryLimit > 0 {
-		// The Go heap (wazero's linear memory lives there) then collects
-		// before the cgroup kills.
+		// The Go heap then collects before the cgroup kills.
 		debug.SetMemoryLimit(int64(cfg.MemoryLimit) * 9 / 10)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
-	defer cancel()
-	for _, s := range []struct {
-		path string
-		flag int
-		fd   int
-	}{{cfg.Stdin, unix.O_RDONLY, 0}, {cfg.Stdout, unix.O_WRONLY, 1}, {cfg.Stderr, unix.O_WRONLY, 2}} {
-		if s.path == "" {
-			continue
-		}
-		if _, err := fifo.OpenFifoDup2(ctx, s.path, s.flag, 0, s.fd); err != nil {
-			return nil, false, fmt.Errorf("open %s: %w", s.path, err)
-		}
+	module := os.NewFile(ModuleFD, "module")
+	// pread: the file's offset is not the runner's to rely on.
+	wasm, err := io.ReadAll(io.NewSectionReader(module, 0, 1<<40))
+	module.Close()
+	os.NewFile(BinaryFD, "runner").Close()
+	if err != nil {
+		return nil, false, fmt.Errorf("read the module: %w", err)
 	}
-	e, err := engine.New(cfg.Engine, engine.Options{CacheDir: cfg.CacheDir, MaxMemoryBytes: cfg.MemoryLimit})
+	if engine.Key(wasm) != cfg.Key {
+		return nil, false, errChanged
+	}
+	opts := engine.Options{MaxMemoryBytes: cfg.MemoryLimit}
+	if cfg.Cached {
+		opts.Cache = CachePath
+		defer os.NewFile(CacheFD, "cache").Close()
+	}
+	e, err := engine.New(cfg.Engine, opts)
 	if err != nil {
 		return nil, false, err
 	}
-	wasm, err := os.ReadFile(cfg.Module)
-	if err != nil {
-		return nil, false, err
-	}
+	ctx := context.Background()
 	m, err := e.Compile(ctx, wasm)
 	if err != nil {
 		return nil, false, err
-	}
-	// The module sees the rootfs only: paths it opens resolve inside it
-	// whatever the engine does with symlinks.
-	if err := syscall.Chroot(cfg.Rootfs); err != nil {
-		return nil, false, fmt.Errorf("chroot %s: %w", cfg.Rootfs, err)
-	}
-	if err := os.Chdir("/"); err != nil {
-		return nil, false, err
-	}
-	if cfg.Hostname != "" {
-		if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
-			return nil, false, fmt.Errorf("set hostname: %w", err)
-		}
-	}
-	if cfg.UID != 0 || cfg.GID != 0 || len(cfg.Groups) > 0 {
-		groups := make([]int, len(cfg.Groups))
-		for i, g := range cfg.Groups {
-			groups[i] = int(g)
-		}
-		if err := syscall.Setgroups(groups); err != nil {
-			return nil, false, fmt.Errorf("setgroups: %w", err)
-		}
-		if err := syscall.Setgid(int(cfg.GID)); err != nil {
-			return nil, false, fmt.Errorf("setgid %d: %w", cfg.GID, err)
-		}
-		if err := syscall.Setuid(int(cfg.UID)); err != nil {
-			return nil, false, fmt.Errorf("setuid %d: %w", cfg.UID, err)
-		}
 	}
 	inst, err := m.Instantiate(ctx, engine.RunConfig{
 		Args: cfg.Args, Env: cfg.Env, Root: "/",

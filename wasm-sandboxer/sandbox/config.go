@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/compile"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/engine"
 )
 
@@ -32,11 +34,15 @@ type WasmConfig struct {
 	Cache bool `toml:"cache"`
 	// CacheDir is where; default <dir>/cache.
 	CacheDir string `toml:"cache_dir"`
-	// WasmtimeGoRunner runs wasmtime containers with the Go runner
-	// (kuasar-wasm-runner) even when kuasar-wasm-runner-wasmtime (C on
-	// wasmtime's C API, no Go runtime: less memory per container) lies
-	// beside the daemon, which it otherwise does. Default false.
-	WasmtimeGoRunner bool `toml:"wasmtime_go_runner"`
+	// MaxModuleSizeMiB bounds the module a container may run.
+	MaxModuleSizeMiB int64 `toml:"max_module_size_mib"`
+	// CompileMemoryMiB, CompilePids and CompileTimeoutSeconds bound each
+	// compile (a child process in a cgroup of its own), CompileConcurrency
+	// how many run at once.
+	CompileMemoryMiB      int64 `toml:"compile_memory_mib"`
+	CompilePids           int64 `toml:"compile_pids"`
+	CompileTimeoutSeconds int   `toml:"compile_timeout_seconds"`
+	CompileConcurrency    int   `toml:"compile_concurrency"`
 }
 
 // DefaultEngine is wasmtime when the build has it (cgo), else wazero.
@@ -51,7 +57,11 @@ func DefaultEngine() string {
 func DefaultConfig() *Config {
 	return &Config{
 		CommonConfig: daemon.CommonConfig{LogLevel: "info"},
-		Wasm:         WasmConfig{Engine: DefaultEngine(), Cache: true},
+		Wasm: WasmConfig{
+			Engine: DefaultEngine(), Cache: true,
+			MaxModuleSizeMiB: 128, CompileMemoryMiB: 2048, CompilePids: 256,
+			CompileTimeoutSeconds: 120, CompileConcurrency: 2,
+		},
 	}
 }
 
@@ -71,7 +81,30 @@ func (c *Config) Validate() error {
 	if c.Wasm.CacheDir != "" && !filepath.IsAbs(c.Wasm.CacheDir) {
 		return fmt.Errorf("wasm.cache_dir %q must be an absolute path", c.Wasm.CacheDir)
 	}
+	for _, v := range []struct {
+		key string
+		n   int64
+	}{
+		{"max_module_size_mib", c.Wasm.MaxModuleSizeMiB}, {"compile_memory_mib", c.Wasm.CompileMemoryMiB},
+		{"compile_pids", c.Wasm.CompilePids}, {"compile_timeout_seconds", int64(c.Wasm.CompileTimeoutSeconds)},
+		{"compile_concurrency", int64(c.Wasm.CompileConcurrency)},
+	} {
+		if v.n <= 0 {
+			return fmt.Errorf("wasm.%s = %d must be positive", v.key, v.n)
+		}
+	}
 	return nil
+}
+
+// CompileLimits are the bounds of compiles and modules.
+func (c *Config) CompileLimits() compile.Limits {
+	return compile.Limits{
+		Memory:        c.Wasm.CompileMemoryMiB << 20,
+		Pids:          c.Wasm.CompilePids,
+		Timeout:       time.Duration(c.Wasm.CompileTimeoutSeconds) * time.Second,
+		Concurrent:    c.Wasm.CompileConcurrency,
+		MaxModuleSize: c.Wasm.MaxModuleSizeMiB << 20,
+	}
 }
 
 // Allowed is the list of engines containers may run with: allowed_engines,

@@ -6,9 +6,11 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/testenv"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/compile"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/engine"
 )
 
@@ -26,8 +28,8 @@ func TestConfig(t *testing.T) {
 		wantErr  string
 		engine   string
 		cacheDir string
-		goRunner bool
 		allowed  []string
+		limits   *compile.Limits
 		// needOther: the case needs an engine besides wazero.
 		needOther bool
 	}{
@@ -36,7 +38,12 @@ func TestConfig(t *testing.T) {
 		{name: "allowed engines empty", toml: "[wasm]\nengine = \"wazero\"\nallowed_engines = []\n", engine: "wazero", cacheDir: "/state/cache", allowed: []string{"wazero"}},
 		{name: "unknown allowed engine", toml: "[wasm]\nengine = \"wazero\"\nallowed_engines = [\"wazero\", \"v8\"]\n", wantErr: `wasm.allowed_engines: unknown wasm engine "v8"`},
 		{name: "allowed engines without the default", toml: "[wasm]\nengine = \"wazero\"\nallowed_engines = [\"" + other + "\"]\n", wantErr: "must include wasm.engine", needOther: true},
-		{name: "Go runner for wasmtime", toml: "[wasm]\nwasmtime_go_runner = true\n", engine: DefaultEngine(), cacheDir: "/state/cache", goRunner: true},
+		{name: "limits", toml: "[wasm]\nmax_module_size_mib = 4\ncompile_memory_mib = 64\ncompile_pids = 16\ncompile_timeout_seconds = 5\ncompile_concurrency = 1\n",
+			engine: DefaultEngine(), cacheDir: "/state/cache",
+			limits: &compile.Limits{MaxModuleSize: 4 << 20, Memory: 64 << 20, Pids: 16, Timeout: 5 * time.Second, Concurrent: 1}},
+		{name: "no memory for compiles", toml: "[wasm]\ncompile_memory_mib = 0\n", wantErr: "wasm.compile_memory_mib = 0 must be positive"},
+		{name: "negative module size", toml: "[wasm]\nmax_module_size_mib = -1\n", wantErr: "wasm.max_module_size_mib = -1 must be positive"},
+		{name: "Go runner for wasmtime (gone)", toml: "[wasm]\nwasmtime_go_runner = true\n", wantErr: "unknown key"},
 		{name: "wazero, cache elsewhere", toml: "[wasm]\nengine = \"wazero\"\ncache_dir = \"/var/cache/wasm\"\n", engine: "wazero", cacheDir: "/var/cache/wasm"},
 		{name: "cache off", toml: "[wasm]\ncache = false\n", engine: DefaultEngine(), cacheDir: ""},
 		{name: "unknown engine", toml: "[wasm]\nengine = \"nosuch\"\n", wantErr: `wasm.engine: unknown wasm engine "nosuch"`},
@@ -76,8 +83,8 @@ func TestConfig(t *testing.T) {
 			if tc.allowed != nil && !slices.Equal(cfg.Allowed(), tc.allowed) {
 				t.Errorf("allowed engines %q, want %q", cfg.Allowed(), tc.allowed)
 			}
-			if cfg.Wasm.WasmtimeGoRunner != tc.goRunner {
-				t.Errorf("wasmtime_go_runner %v, want %v", cfg.Wasm.WasmtimeGoRunner, tc.goRunner)
+			if tc.limits != nil && cfg.CompileLimits() != *tc.limits {
+				t.Errorf("limits %+v, want %+v", cfg.CompileLimits(), *tc.limits)
 			}
 		})
 	}

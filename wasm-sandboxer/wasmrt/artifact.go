@@ -1,6 +1,7 @@
 package wasmrt
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -61,9 +62,10 @@ var errNotArtifact = errors.New("image is not a wasm artifact")
 
 // artifactModule returns the host path of the module of the wasm artifact
 // image named in ctx's namespace, fetched from containerd's content store
-// into dir (content-addressed, verified) unless already there.
-func (rt *Runtime) artifactModule(ctx context.Context, image string) (string, error) {
-	if rt.cfg.ContainerdAddress == "" {
+// into the modules directory (content-addressed, verified) unless already
+// there.
+func (h *hook) artifactModule(ctx context.Context, image string) (string, error) {
+	if h.cfg.ContainerdAddress == "" {
 		return "", errNotArtifact
 	}
 	ns, ok := namespaces.Namespace(ctx)
@@ -72,9 +74,9 @@ func (rt *Runtime) artifactModule(ctx context.Context, image string) (string, er
 	}
 	cctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), ns), time.Minute)
 	defer cancel()
-	conn, err := grpc.NewClient("unix://"+rt.cfg.ContainerdAddress, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("unix://"+h.cfg.ContainerdAddress, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return "", fmt.Errorf("containerd %s: %w", rt.cfg.ContainerdAddress, err)
+		return "", fmt.Errorf("containerd %s: %w", h.cfg.ContainerdAddress, err)
 	}
 	defer conn.Close()
 	img, err := imagesapi.NewImagesClient(conn).Get(cctx, &imagesapi.GetImageRequest{Name: image})
@@ -105,7 +107,7 @@ func (rt *Runtime) artifactModule(ctx context.Context, image string) (string, er
 				return "", fmt.Errorf("image %s is a WASI component (%s); only WASI preview 1 modules run here: %w", image, l.MediaType, errdefs.ErrInvalidArgument)
 			}
 			if wasmLayerTypes[l.MediaType] {
-				return rt.fetchModule(cctx, content, l)
+				return h.fetchModule(cctx, content, l)
 			}
 		}
 		return "", errNotArtifact
@@ -122,33 +124,34 @@ func pickManifest(ms []ociDescriptor) ociDescriptor {
 	return ms[0]
 }
 
-// fetchModule copies a layer blob to <modules dir>/<hex>.wasm.
-func (rt *Runtime) fetchModule(ctx context.Context, content contentapi.ContentClient, l ociDescriptor) (string, error) {
+// fetchModule copies a layer blob to <modules dir>/<hex>.wasm, a chunk at
+// a time: never the whole module in the daemon's memory.
+func (h *hook) fetchModule(ctx context.Context, content contentapi.ContentClient, l ociDescriptor) (string, error) {
 	hexDigest, ok := strings.CutPrefix(l.Digest, "sha256:")
 	if !ok || len(hexDigest) != 64 || strings.ContainsAny(hexDigest, "/.") {
 		return "", fmt.Errorf("wasm layer digest %q: %w", l.Digest, errdefs.ErrInvalidArgument)
 	}
-	path := filepath.Join(rt.cfg.ModulesDir, hexDigest+".wasm")
+	max := h.cfg.Compile.MaxModuleSize
+	if l.Size > max {
+		return "", fmt.Errorf("wasm layer %s is %d bytes, more than the %d bytes allowed (wasm.max_module_size_mib): %w", l.Digest, l.Size, max, errdefs.ErrInvalidArgument)
+	}
+	path := filepath.Join(h.cfg.ModulesDir, hexDigest+".wasm")
 	if _, err := os.Stat(path); err == nil {
 		return path, nil
 	}
-	data, err := readBlob(ctx, content, l.Digest, maxModuleSize)
-	if err != nil {
+	if err := os.MkdirAll(h.cfg.ModulesDir, 0o700); err != nil {
 		return "", err
 	}
-	if err := os.MkdirAll(rt.cfg.ModulesDir, 0o700); err != nil {
-		return "", err
-	}
-	f, err := os.CreateTemp(rt.cfg.ModulesDir, ".tmp-*")
+	f, err := os.CreateTemp(h.cfg.ModulesDir, ".tmp-*")
 	if err != nil {
 		return "", err
 	}
 	defer os.Remove(f.Name())
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return "", err
+	err = copyBlob(ctx, content, l.Digest, max, f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
-	if err := f.Close(); err != nil {
+	if err != nil {
 		return "", err
 	}
 	return path, os.Rename(f.Name(), path)
@@ -156,27 +159,40 @@ func (rt *Runtime) fetchModule(ctx context.Context, content contentapi.ContentCl
 
 // readBlob reads a blob of at most max bytes and checks its digest.
 func readBlob(ctx context.Context, content contentapi.ContentClient, digest string, max int64) ([]byte, error) {
+	var b bytes.Buffer
+	if err := copyBlob(ctx, content, digest, max, &b); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+// copyBlob writes a blob of at most max bytes to w as it arrives, and
+// checks its digest.
+func copyBlob(ctx context.Context, content contentapi.ContentClient, digest string, max int64, w io.Writer) error {
 	stream, err := content.Read(ctx, &contentapi.ReadContentRequest{Digest: digest})
 	if err != nil {
-		return nil, fmt.Errorf("read blob %s: %w", digest, err)
+		return fmt.Errorf("read blob %s: %w", digest, err)
 	}
-	var data []byte
+	h := sha256.New()
+	var n int64
 	for {
 		resp, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read blob %s: %w", digest, err)
+			return fmt.Errorf("read blob %s: %w", digest, err)
 		}
-		data = append(data, resp.Data...)
-		if int64(len(data)) > max {
-			return nil, fmt.Errorf("blob %s is larger than %d bytes: %w", digest, max, errdefs.ErrInvalidArgument)
+		if n += int64(len(resp.Data)); n > max {
+			return fmt.Errorf("blob %s is larger than %d bytes: %w", digest, max, errdefs.ErrInvalidArgument)
+		}
+		h.Write(resp.Data)
+		if _, err := w.Write(resp.Data); err != nil {
+			return err
 		}
 	}
-	sum := sha256.Sum256(data)
-	if "sha256:"+hex.EncodeToString(sum[:]) != digest {
-		return nil, fmt.Errorf("blob %s does not match its digest", digest)
+	if "sha256:"+hex.EncodeToString(h.Sum(nil)) != digest {
+		return fmt.Errorf("blob %s does not match its digest", digest)
 	}
-	return data, nil
+	return nil
 }

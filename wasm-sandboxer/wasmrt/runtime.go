@@ -1,41 +1,44 @@
-// Package wasmrt is wasm-sandboxer's task.Runtime: each container process
-// is a runner (kuasar-wasm-runner beside the daemon, else the daemon's own
-// binary re-executed; package runner), born into the pod's namespaces
-// and placed in the container's cgroup, running one WASI module with the
-// container's rootfs as its root.
+// Package wasmrt is wasm-sandboxer's task.Runtime: a wasm container is an
+// OCI container that runc runs through the runc family's runtime (package
+// oci), whose process is the engine's runner (package runner). So a module
+// process is confined exactly as a runc container's process is (its own
+// mount namespace and pivot_root, the spec's mounts, read-only root,
+// masked paths, capabilities, no_new_privs, seccomp filter, rlimits, user,
+// cgroup, the pod's namespaces), and wasm containers get runc's pause,
+// exec, stats, OOM events, records and restore.
+//
+// What is wasm's is the oci.Hook here: before runc creates a container (or
+// execs a process) it opens the module inside the rootfs once (package
+// modfile), has it compiled into the cache by the bounded compile child
+// (package compile), and rewrites the process for runc: the runner, exec'd
+// from a descriptor runc passes on, with the module, its compiled code
+// (a read-only mount of its cache entry) and its configuration as
+// descriptors too; the module's own args and env go to WASI.
 package wasmrt
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
-	"path"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
 
-	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
-	"github.com/containerd/containerd/v2/core/mount"
-	"github.com/containerd/containerd/v2/pkg/stdio"
 	"github.com/containerd/errdefs"
-	securejoin "github.com/cyphar/filepath-securejoin"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
-	procfs "github.com/kuasar-go/kuasar-go/shared/proc"
-	"github.com/kuasar-go/kuasar-go/shared/reap"
+	"github.com/kuasar-go/kuasar-go/shared/safemount"
 	"github.com/kuasar-go/kuasar-go/shared/task"
-	"github.com/kuasar-go/kuasar-go/shared/validate"
+	"github.com/kuasar-go/kuasar-go/shared/task/oci"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/compile"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/engine"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/modfile"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/runner"
 )
 
@@ -45,9 +48,6 @@ import (
 // pod_annotations and container_annotations.
 const EngineAnnotation = "wasm.kuasar-go.io/engine"
 
-// maxModuleSize bounds the module file a container may name.
-const maxModuleSize = 1 << 30
-
 // Config configures the runtime.
 type Config struct {
 	// Engine is the default engine.
@@ -56,440 +56,340 @@ type Config struct {
 	// wasm.allowed_engines); empty allows Engine only.
 	AllowedEngines []string
 	// CacheDir holds compiled modules; "" disables the cache (every
-	// process then compiles inside its own cgroup).
+	// process then compiles inside its own container).
 	CacheDir string
+	// Compile bounds the compiles (and the modules) of the cache.
+	Compile compile.Limits
 	// ContainerdAddress is containerd's gRPC socket, to read the modules
 	// of wasm OCI artifacts from its content store; "" disables them.
 	ContainerdAddress string
 	// ModulesDir keeps the modules read from artifacts, by digest.
 	ModulesDir string
-	// GoRunnerOnly runs wasmtime containers with the Go runner even when
-	// kuasar-wasm-runner-wasmtime (no Go runtime, less memory per
-	// container) lies beside the daemon.
-	GoRunnerOnly bool
+	// RunnerDir holds the runners (runner.BinaryName and
+	// runner.WasmtimeBinaryName); default: the daemon's own directory.
+	RunnerDir string
+	// Compiler is the compile child's program, one whose runner.Main
+	// compiles with the engines the runners run; default: the daemon's
+	// own binary.
+	Compiler string
+	// Runtime is the OCI runtime CLI (runc) and its state directory.
+	Runtime task.RuntimeConfig
 }
 
-// Runtime makes wasm containers.
-type Runtime struct {
-	cfg  Config
-	self string // the runner binary (see runnerBinary)
-	// wasmtimeRunner runs the wasmtime engine's module processes:
-	// kuasar-wasm-runner-wasmtime beside the daemon, or "" (self does).
-	wasmtimeRunner string
-	log            *zap.Logger
+// readyTimeout bounds the wait for a started module process to load and
+// instantiate its module, when the request has no deadline.
+const readyTimeout = 2 * time.Minute
 
-	compiling sync.Map // cache key -> *sync.Mutex
+// runnerEnv is a module process's own environment (the module's is WASI's):
+// one Go P for the Go runner (see runner's maxProcs), one worker thread for
+// the tokio runtime of wasmtime's WASI (else one per CPU of the host, each
+// with its stack and malloc arena, in every container).
+var runnerEnv = []string{runner.EnvMode + "=" + runner.ModeRun, "GOMAXPROCS=1", "TOKIO_WORKER_THREADS=1"}
+
+// hook prepares wasm containers for runc (oci.Hook).
+type hook struct {
+	cfg      Config
+	runners  map[string]*os.File // engine -> read-only clone of its runner
+	compiler *compile.Compiler   // nil without a cache
+	log      *zap.Logger
 }
 
-var _ task.Runtime = (*Runtime)(nil)
+var _ oci.Hook = (*hook)(nil)
 
 // New checks cfg and returns the runtime.
-func New(cfg Config, log *zap.Logger) (*Runtime, error) {
+func New(cfg Config, log *zap.Logger) (task.Runtime, error) {
 	if err := engine.Check(cfg.Engine); err != nil {
 		return nil, err
 	}
-	if cfg.CacheDir != "" {
-		if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
-			return nil, fmt.Errorf("cache directory: %w", err)
-		}
+	if len(cfg.AllowedEngines) == 0 {
+		cfg.AllowedEngines = []string{cfg.Engine}
 	}
 	if cfg.ContainerdAddress != "" && cfg.ModulesDir == "" {
 		return nil, fmt.Errorf("a modules directory is needed to run wasm OCI artifacts")
 	}
-	self, err := runnerBinary()
-	if err != nil {
-		return nil, err
+	if cfg.Compile.MaxModuleSize <= 0 {
+		return nil, fmt.Errorf("the largest module must be set: %w", errdefs.ErrInvalidArgument)
 	}
-	rt := &Runtime{cfg: cfg, self: self, log: log}
-	if engine.Check("wasmtime") == nil {
-		exe, err := os.Executable()
-		switch {
-		case err != nil:
-			return nil, fmt.Errorf("find own executable: %w", err)
-		case cfg.GoRunnerOnly:
-			log.Info("wasmtime module processes run the Go runner (wasmtime_go_runner = true)", zap.String("runner", self))
-		default:
-			if rt.wasmtimeRunner = wasmtimeRunnerBeside(exe); rt.wasmtimeRunner != "" {
-				log.Info("wasmtime module processes run "+runner.WasmtimeBinaryName, zap.String("runner", rt.wasmtimeRunner))
-			} else {
-				log.Info(runner.WasmtimeBinaryName+" is not beside the daemon: wasmtime module processes run the Go runner",
-					zap.String("runner", self))
-			}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable: %w", err)
+	}
+	if cfg.RunnerDir == "" {
+		cfg.RunnerDir = filepath.Dir(self)
+	}
+	if cfg.Compiler == "" {
+		cfg.Compiler = self
+	}
+	h := &hook{cfg: cfg, runners: map[string]*os.File{}, log: log}
+	for _, name := range cfg.AllowedEngines {
+		if err := engine.Check(name); err != nil {
+			return nil, err
 		}
+		f, err := openRunner(filepath.Join(cfg.RunnerDir, runnerName(name)))
+		if err != nil {
+			h.close()
+			return nil, fmt.Errorf("the %s engine's runner: %w", name, err)
+		}
+		h.runners[name] = f
+		log.Info("module processes run "+runnerName(name), zap.String("engine", name), zap.String("runner", f.Name()))
+	}
+	if cfg.CacheDir != "" {
+		if h.compiler, err = compile.New(cfg.Compiler, cfg.CacheDir, cfg.Compile, log); err != nil {
+			h.close()
+			return nil, err
+		}
+	}
+	rt, err := oci.NewRuntime(cfg.Runtime, log, oci.WithHook(h))
+	if err != nil {
+		h.close()
+		return nil, err
 	}
 	return rt, nil
 }
 
-// runnerFor is the program of a module process of engine name.
-func (rt *Runtime) runnerFor(name string) string {
-	if name == "wasmtime" && rt.wasmtimeRunner != "" {
-		return rt.wasmtimeRunner
+func (h *hook) close() {
+	for _, f := range h.runners {
+		f.Close()
 	}
-	return rt.self
 }
 
-// Close implements task.Runtime.
-func (rt *Runtime) Close() error { return nil }
-
-var errTerminal = fmt.Errorf("wasm containers have no terminal (tty): %w", errdefs.ErrInvalidArgument)
-
-// Create mounts the rootfs, makes sure the module is compiled, creates the
-// cgroup and starts the init process, which waits for Start.
-func (rt *Runtime) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ task.Container, retErr error) {
-	if r.Terminal {
-		return nil, errTerminal
+// runnerName is the runner of an engine's module processes.
+func runnerName(engine string) string {
+	if engine == "wasmtime" {
+		return runner.WasmtimeBinaryName
 	}
-	for _, p := range []string{r.Stdin, r.Stdout, r.Stderr} {
-		if p != "" {
-			if err := validate.AbsPath("stdio", p); err != nil {
-				return nil, err
-			}
-		}
-	}
-	spec, err := readSpec(r.Bundle)
-	if err != nil {
-		return nil, err
-	}
-	name, err := rt.engineFor(spec)
-	if err != nil {
-		return nil, err
-	}
-	if spec.Process.Terminal {
-		return nil, errTerminal
-	}
-	c := &container{
-		id: r.ID, bundle: r.Bundle, rt: rt, spec: spec, engine: name,
-		rootfs: spec.Root.Path,
-	}
-	if !filepath.IsAbs(c.rootfs) {
-		c.rootfs = filepath.Join(r.Bundle, c.rootfs)
-	}
-	defer func() {
-		if retErr != nil {
-			if err := c.release(); err != nil {
-				rt.log.Warn("undo create", zap.String("container", r.ID), zap.Error(err))
-			}
-		}
-	}()
-	if len(r.Rootfs) > 0 {
-		var mounts []mount.Mount
-		for _, m := range r.Rootfs {
-			mounts = append(mounts, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
-		}
-		if err := os.Mkdir(c.rootfs, 0o711); err != nil && !os.IsExist(err) {
-			return nil, err
-		}
-		if err := mount.All(mounts, c.rootfs); err != nil {
-			mount.UnmountRecursive(c.rootfs, 0)
-			return nil, fmt.Errorf("mount rootfs: %w", err)
-		}
-		c.mounted = true
-	}
-	if spec.Linux != nil && spec.Linux.CgroupsPath != "" {
-		if c.cg, err = newCgroup(spec.Linux.CgroupsPath, spec.Linux.Resources); err != nil {
-			return nil, err
-		}
-	}
-	if c.init, err = rt.startProcess(ctx, c, "", spec.Process, r.Stdin, r.Stdout, r.Stderr); err != nil {
-		return nil, err
-	}
-	return c, nil
+	return runner.BinaryName
 }
 
 // engineFor is the engine of a container: the default, or the one
 // EngineAnnotation names. The annotation comes from the pod spec, which is
 // not trusted: an engine this build lacks is InvalidArgument, one the
 // operator did not allow PermissionDenied.
-func (rt *Runtime) engineFor(spec *specs.Spec) (string, error) {
-	name := rt.cfg.Engine
+func (h *hook) engineFor(spec *specs.Spec) (string, error) {
+	name := h.cfg.Engine
 	if a := spec.Annotations[EngineAnnotation]; a != "" {
 		name = a
 	}
 	if err := engine.Check(name); err != nil {
 		return "", fmt.Errorf("annotation %s: %v: %w", EngineAnnotation, err, errdefs.ErrInvalidArgument)
 	}
-	allowed := rt.cfg.AllowedEngines
-	if len(allowed) == 0 {
-		allowed = []string{rt.cfg.Engine}
-	}
-	if !slices.Contains(allowed, name) {
+	if !slices.Contains(h.cfg.AllowedEngines, name) {
 		return "", fmt.Errorf("annotation %s asks for the %s engine, which the operator did not allow (wasm.allowed_engines: %s): %w",
-			EngineAnnotation, name, strings.Join(allowed, ", "), errdefs.ErrPermissionDenied)
+			EngineAnnotation, name, strings.Join(h.cfg.AllowedEngines, ", "), errdefs.ErrPermissionDenied)
 	}
 	return name, nil
 }
 
-func readSpec(bundle string) (*specs.Spec, error) {
-	data, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+var errTerminal = fmt.Errorf("wasm containers have no terminal (tty): %w", errdefs.ErrInvalidArgument)
+
+// Init implements oci.Hook: the container's process becomes the runner of
+// its module, confined as the spec says and then some (no_new_privs, a
+// seccomp filter when the spec has none).
+func (h *hook) Init(ctx context.Context, bundle string, spec *specs.Spec) (*oci.Prepared, error) {
+	if spec.Process.Terminal {
+		return nil, errTerminal
+	}
+	name, err := h.engineFor(spec)
 	if err != nil {
-		return nil, fmt.Errorf("bundle %s: %v: %w", bundle, err, errdefs.ErrInvalidArgument)
+		return nil, err
 	}
-	var spec specs.Spec
-	if err := json.Unmarshal(data, &spec); err != nil {
-		return nil, fmt.Errorf("bundle %s: config.json: %v: %w", bundle, err, errdefs.ErrInvalidArgument)
+	if !hasProc(spec) {
+		return nil, fmt.Errorf("wasm containers need /proc mounted (runc execs the runner through /proc/self/fd): %w", errdefs.ErrInvalidArgument)
 	}
-	if spec.Process == nil || spec.Root == nil {
-		return nil, fmt.Errorf("bundle %s: config.json has no process or root: %w", bundle, errdefs.ErrInvalidArgument)
+	prep, err := h.prepare(ctx, name, bundle, spec, spec.Process)
+	if err != nil {
+		return nil, err
 	}
-	return &spec, nil
+	if spec.Annotations == nil {
+		spec.Annotations = map[string]string{}
+	}
+	// Execs run with the engine the container got.
+	spec.Annotations[EngineAnnotation] = name
+	if spec.Linux == nil {
+		spec.Linux = &specs.Linux{}
+	}
+	if spec.Linux.Seccomp == nil {
+		spec.Linux.Seccomp = defaultSeccomp()
+	}
+	return prep, nil
 }
 
-// modulePath resolves process.args[0] inside the rootfs: an absolute path,
-// a path relative to the working directory, or a name looked up in PATH.
-func modulePath(rootfs string, ps *specs.Process) (guest, host string, err error) {
-	if len(ps.Args) == 0 || ps.Args[0] == "" {
-		return "", "", fmt.Errorf("process.args is empty: it must name the module: %w", errdefs.ErrInvalidArgument)
+// Exec implements oci.Hook: an exec'd process is the runner of its module
+// too.
+func (h *hook) Exec(ctx context.Context, bundle string, spec *specs.Spec, ps *specs.Process) (*oci.Prepared, error) {
+	if ps.Terminal {
+		return nil, errTerminal
 	}
-	arg := ps.Args[0]
-	var candidates []string
-	switch {
-	case path.IsAbs(arg):
-		candidates = []string{arg}
-	case strings.Contains(arg, "/"):
-		candidates = []string{path.Join("/", ps.Cwd, arg)}
-	default:
-		dirs := "/"
-		for _, kv := range ps.Env {
-			if v, ok := strings.CutPrefix(kv, "PATH="); ok {
-				dirs = v
+	name, err := h.engineFor(spec)
+	if err != nil {
+		return nil, err
+	}
+	return h.prepare(ctx, name, bundle, spec, ps)
+}
+
+func hasProc(spec *specs.Spec) bool {
+	return slices.ContainsFunc(spec.Mounts, func(m specs.Mount) bool {
+		return filepath.Clean(m.Destination) == "/proc" && m.Type == "proc"
+	})
+}
+
+// prepare opens the module ps names, has it compiled, and makes ps the
+// runner's process with what it needs as descriptors (runner's FD
+// constants).
+func (h *hook) prepare(ctx context.Context, name, bundle string, spec *specs.Spec, ps *specs.Process) (_ *oci.Prepared, retErr error) {
+	var files []*os.File
+	defer func() {
+		if retErr != nil {
+			for _, f := range files {
+				f.Close()
 			}
 		}
-		for _, d := range strings.Split(dirs, ":") {
-			candidates = append(candidates, path.Join("/", d, arg))
-		}
+	}()
+	rootfs := spec.Root.Path
+	if !filepath.IsAbs(rootfs) {
+		rootfs = filepath.Join(bundle, rootfs)
 	}
-	for _, g := range candidates {
-		h, err := securejoin.SecureJoin(rootfs, g)
+	m, err := h.module(ctx, rootfs, spec, ps)
+	if err != nil {
+		return nil, err
+	}
+	files = append(files, nil, nil, nil, m.File) // runner, config, status, module
+	var entry string
+	if h.compiler != nil {
+		if entry, err = h.compiler.Entry(ctx, name, m); err != nil {
+			return nil, err
+		}
+		// Its code and nothing else of the cache, read-only.
+		cache, err := safemount.Clone(entry, false, safemount.ReadOnly|safemount.NoSuid|safemount.NoDev)
 		if err != nil {
-			continue
+			return nil, fmt.Errorf("module cache entry: %w", err)
 		}
-		if fi, err := os.Stat(h); err == nil && fi.Mode().IsRegular() {
-			return g, h, nil
-		}
+		files = append(files, cache)
 	}
-	return "", "", fmt.Errorf("module %q (process.args[0]) not found in the container's rootfs: %w", arg, errdefs.ErrInvalidArgument)
-}
-
-// readModule reads and checks the module file.
-func readModule(guest, host string) ([]byte, error) {
-	f, err := os.Open(host)
-	if err != nil {
-		return nil, fmt.Errorf("module %s: %v: %w", guest, err, errdefs.ErrInvalidArgument)
-	}
-	defer f.Close()
-	wasm, err := io.ReadAll(io.LimitReader(f, maxModuleSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("module %s: %w", guest, err)
-	}
-	if len(wasm) > maxModuleSize {
-		return nil, fmt.Errorf("module %s is larger than %d bytes: %w", guest, maxModuleSize, errdefs.ErrInvalidArgument)
-	}
-	if !engine.IsWasm(wasm) {
-		return nil, fmt.Errorf("%s (process.args[0]) is not a WebAssembly module (no \\0asm header): %w", guest, errdefs.ErrInvalidArgument)
-	}
-	return wasm, nil
-}
-
-// ensureCompiled fills the cache with the module's compiled code by a
-// compile child in the daemon's own cgroup: compiling takes several times
-// the memory of running (about 100 MiB for a 3 MB Go module), which must
-// not count against the container's limit. Concurrent creates of one
-// module compile it once.
-func (rt *Runtime) ensureCompiled(ctx context.Context, name, module string, wasm []byte) error {
-	if rt.cfg.CacheDir == "" || engine.InCache(rt.cfg.CacheDir, name, wasm) {
-		return nil
-	}
-	key := name + "/" + engine.Key(wasm)
-	v, _ := rt.compiling.LoadOrStore(key, &sync.Mutex{})
-	mu := v.(*sync.Mutex)
-	mu.Lock()
-	defer mu.Unlock()
-	if engine.InCache(rt.cfg.CacheDir, name, wasm) {
-		return nil
-	}
-	req, _ := json.Marshal(runner.CompileRequest{Engine: name, CacheDir: rt.cfg.CacheDir, Module: module})
-	cmd := exec.Command(rt.self)
-	cmd.Args = []string{"kuasar-wasm-compile"}
-	cmd.Env = []string{runner.EnvMode + "=" + runner.ModeCompile}
-	cmd.Dir = "/"
-	cmd.Stdin = bytes.NewReader(req)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	t0 := time.Now()
-	ec, err := reap.Monitor.Start(cmd)
-	if err != nil {
-		return fmt.Errorf("start compiler: %w", err)
-	}
-	status, err := reap.Monitor.Wait(cmd, ec)
-	if err != nil {
-		return fmt.Errorf("compiler: %w", err)
-	}
-	switch status {
-	case 0:
-		rt.log.Info("module compiled", zap.String("engine", name), zap.String("module", module),
-			zap.Int("bytes", len(wasm)), zap.Duration("took", time.Since(t0)))
-		return nil
-	case runner.ExitInvalidModule:
-		return fmt.Errorf("%s: %w", strings.TrimSpace(stderr.String()), errdefs.ErrInvalidArgument)
-	}
-	return fmt.Errorf("compile %s with %s: exit status %d: %s", module, name, status, strings.TrimSpace(stderr.String()))
-}
-
-// startProcess starts a module process for ps in c, in the pod's
-// namespaces and c's cgroup, and returns once it is ready to run.
-func (rt *Runtime) startProcess(ctx context.Context, c *container, execID string, ps *specs.Process, stdin, stdout, stderr string) (_ *proc, retErr error) {
-	guest, host, err := modulePath(c.rootfs, ps)
-	if errors.Is(err, errdefs.ErrInvalidArgument) && len(ps.Args) > 0 && c.spec.Annotations[imageNameAnnotation] != "" {
-		// Not in the rootfs: the image may be a wasm OCI artifact.
-		switch a, aerr := rt.artifactModule(ctx, c.spec.Annotations[imageNameAnnotation]); {
-		case aerr == nil:
-			guest, host, err = ps.Args[0], a, nil
-		case errors.Is(aerr, errdefs.ErrInvalidArgument):
-			return nil, aerr
-		case !errors.Is(aerr, errNotArtifact):
-			rt.log.Warn("look for a wasm artifact", zap.String("container", c.id), zap.Error(aerr))
-		}
-	}
-	if err != nil {
-		return nil, err
-	}
-	wasm, err := readModule(guest, host)
-	if err != nil {
-		return nil, err
-	}
-	if err := rt.ensureCompiled(ctx, c.engine, host, wasm); err != nil {
-		return nil, err
-	}
-	join, newNS, err := podNamespaces(c.spec)
-	if err != nil {
-		return nil, fmt.Errorf("%v: %w", err, errdefs.ErrNotImplemented)
-	}
-	cfg := runner.RunConfig{
-		Engine: c.engine, CacheDir: rt.cfg.CacheDir,
-		Module: host, Rootfs: c.rootfs,
-		Args: ps.Args, Env: ps.Env,
-		Stdin: stdin, Stdout: stdout, Stderr: stderr,
-		UID: ps.User.UID, GID: ps.User.GID, Groups: ps.User.AdditionalGids,
-	}
+	cfg := runner.RunConfig{Engine: name, Key: m.Key, Cached: entry != "", Args: ps.Args, Env: ps.Env}
 	if ps.Cwd != "" && ps.Cwd != "/" && !hasEnv(ps.Env, "PWD") {
 		// WASI has no working directory; Go's wasip1 runtime (and others)
 		// take it from PWD.
 		cfg.Env = append(append([]string(nil), ps.Env...), "PWD="+ps.Cwd)
 	}
-	if newNS&unix.CLONE_NEWUTS != 0 {
-		cfg.Hostname = c.spec.Hostname
-	}
-	if l := c.spec.Linux; l != nil && l.Resources != nil && l.Resources.Memory != nil && l.Resources.Memory.Limit != nil && *l.Resources.Memory.Limit > 0 {
+	if l := spec.Linux; l != nil && l.Resources != nil && l.Resources.Memory != nil && l.Resources.Memory.Limit != nil && *l.Resources.Memory.Limit > 0 {
 		cfg.MemoryLimit = uint64(*l.Resources.Memory.Limit)
 	}
-	bin := rt.runnerFor(c.engine)
-	if bin != rt.self {
-		// Only the wasmtime runner reads it.
-		cfg.Compiled = engine.WasmtimeCodePath(rt.cfg.CacheDir, wasm)
+	if files[0], err = dup(h.runners[name]); err != nil {
+		return nil, err
 	}
-	line, err := json.Marshal(cfg)
+	if files[1], err = configFile(cfg); err != nil {
+		return nil, err
+	}
+	status, w, err := os.Pipe()
 	if err != nil {
 		return nil, err
 	}
-
-	ctlR, ctlW, err := os.Pipe()
-	if err != nil {
-		return nil, err
-	}
-	stR, stW, err := os.Pipe()
-	if err != nil {
-		ctlR.Close()
-		ctlW.Close()
-		return nil, err
-	}
-	defer stR.Close()
-	cmd := exec.Command(bin)
-	// What ps shows: the container, and the module.
-	cmd.Args = []string{"kuasar-wasm", c.id, guest}
-	// One Go P from the start (see runner's maxProcs), and one worker
-	// thread for the tokio runtime of wasmtime's WASI (else one per CPU of
-	// the host, each with its stack and malloc arena, in every container).
-	cmd.Env = []string{runner.EnvMode + "=" + runner.ModeRun, "GOMAXPROCS=1", "TOKIO_WORKER_THREADS=1"}
-	cmd.Dir = "/"
-	cmd.ExtraFiles = []*os.File{ctlR, stW} // runner.ControlFD, runner.StatusFD
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: newNS}
-	ec, err := reap.Monitor.StartIn(cmd, join)
-	ctlR.Close()
-	stW.Close()
-	if err != nil {
-		ctlW.Close()
-		return nil, fmt.Errorf("start module process: %w", err)
-	}
-	p := &proc{
-		id: execID, pid: cmd.Process.Pid, c: c, ctl: ctlW,
-		stdio:  stdio.Stdio{Stdin: stdin, Stdout: stdout, Stderr: stderr},
-		waitCh: make(chan struct{}), reaped: make(chan struct{}),
-	}
-	// Zero if it has already ended: its exit then matches on the PID.
-	p.startTime, _ = procfs.StartTime(p.pid)
-	go func() {
-		reap.Monitor.Wait(cmd, ec)
-		close(p.reaped)
-	}()
-	defer func() {
-		if retErr != nil {
-			ctlW.Close()
-			unix.Kill(p.pid, unix.SIGKILL)
-			<-p.reaped
-		}
-	}()
-	if c.cg != nil {
-		if err := c.cg.add(p.pid); err != nil {
-			return nil, fmt.Errorf("place module process in cgroup %s: %w", c.cg.path, err)
-		}
-	}
-	if _, err := ctlW.Write(append(line, '\n')); err != nil {
-		return nil, fmt.Errorf("configure module process: %w", err)
-	}
-	st, err := readStatus(ctx, stR)
-	if err != nil {
-		return nil, err
-	}
-	if st.Error != "" {
-		if st.BadCache {
-			// Compiled by another wasmtime or configuration, or damaged:
-			// the next start compiles the module again.
-			engine.Uncache(rt.cfg.CacheDir, c.engine, wasm)
-			rt.log.Warn("cached compiled module not loadable; dropped from the cache", zap.String("container", c.id),
-				zap.String("engine", c.engine), zap.String("error", st.Error))
-		}
-		if st.Invalid {
-			return nil, fmt.Errorf("%s: %w", st.Error, errdefs.ErrInvalidArgument)
-		}
-		return nil, fmt.Errorf("module process: %s", st.Error)
-	}
-	rt.log.Debug("module process ready", zap.String("container", c.id), zap.String("exec", execID),
-		zap.Int("pid", p.pid), zap.String("engine", c.engine), zap.String("runner", filepath.Base(bin)), zap.Bool("cached", st.Cached))
-	return p, nil
+	files[2] = w
+	ps.Args = []string{runner.BinaryPath, m.Guest}
+	ps.Env = append([]string(nil), runnerEnv...)
+	// A WASI module cannot exec; its runner never needs to gain privileges.
+	ps.NoNewPrivileges = true
+	return &oci.Prepared{
+		Files:   files,
+		Ready:   func(ctx context.Context) error { return h.ready(ctx, name, m, entry, status) },
+		Release: func() { status.Close() },
+	}, nil
 }
 
-// readyTimeout bounds a module process's preparation (opening FIFOs,
-// loading or compiling the module) when the request has no deadline.
-const readyTimeout = 2 * time.Minute
+// module opens the module ps names: in the rootfs or, when it is not there
+// and the container's image is a wasm OCI artifact, the artifact's.
+func (h *hook) module(ctx context.Context, rootfs string, spec *specs.Spec, ps *specs.Process) (*modfile.Module, error) {
+	max := h.cfg.Compile.MaxModuleSize
+	m, err := modfile.Find(ctx, rootfs, ps, max)
+	image := spec.Annotations[imageNameAnnotation]
+	if err == nil || !errors.Is(err, modfile.ErrNotFound) || image == "" {
+		return m, err
+	}
+	path, aerr := h.artifactModule(ctx, image)
+	switch {
+	case aerr == nil:
+		return modfile.OpenHost(ctx, path, ps.Args[0], max)
+	case errors.Is(aerr, errdefs.ErrInvalidArgument):
+		return nil, aerr
+	case !errors.Is(aerr, errNotArtifact):
+		h.log.Warn("look for a wasm artifact", zap.String("image", image), zap.Error(aerr))
+	}
+	return nil, err
+}
 
-func readStatus(ctx context.Context, r *os.File) (runner.Status, error) {
+// ready reads the started process's status: it has loaded and
+// instantiated its module, or says why it could not.
+func (h *hook) ready(ctx context.Context, name string, m *modfile.Module, entry string, status *os.File) error {
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(readyTimeout)
 	}
-	r.SetReadDeadline(deadline)
-	data, err := io.ReadAll(r)
+	status.SetReadDeadline(deadline)
+	data, err := io.ReadAll(io.LimitReader(status, 1<<20))
 	if err != nil {
-		return runner.Status{}, fmt.Errorf("module process not ready: %w", err)
+		return fmt.Errorf("module process not ready: %w", err)
 	}
 	var st runner.Status
-	if len(bytes.TrimSpace(data)) == 0 {
-		return st, errors.New("module process exited before it was ready")
+	if len(strings.TrimSpace(string(data))) == 0 {
+		return errors.New("module process exited before it was ready")
 	}
 	if err := json.Unmarshal(data, &st); err != nil {
-		return st, fmt.Errorf("module process status %q: %w", data, err)
+		return fmt.Errorf("module process status %q: %w", data, err)
 	}
-	return st, nil
+	switch {
+	case st.Error == "":
+		h.log.Debug("module process ready", zap.String("engine", name), zap.String("module", m.Guest), zap.Bool("cached", st.Cached))
+		return nil
+	case st.BadCache && entry != "":
+		// Compiled by another wasmtime or configuration, or damaged: the
+		// next start compiles the module again.
+		if err := engine.Uncache(h.cfg.CacheDir, name, m.Key); err != nil {
+			h.log.Warn("drop a cache entry", zap.String("entry", entry), zap.Error(err))
+		}
+		h.log.Warn("cached compiled module not loadable; dropped from the cache", zap.String("engine", name),
+			zap.String("entry", entry), zap.String("error", st.Error))
+		return fmt.Errorf("%s (cache entry %s, dropped)", st.Error, entry)
+	case st.Invalid:
+		return fmt.Errorf("%s: %w", st.Error, errdefs.ErrInvalidArgument)
+	}
+	return fmt.Errorf("module process: %s", st.Error)
+}
+
+// configFile is a sealed memory file holding cfg for the runner.
+func configFile(cfg runner.RunConfig) (*os.File, error) {
+	data, err := json.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	fd, err := unix.MemfdCreate("kuasar-wasm-config", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return nil, fmt.Errorf("runner config: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "kuasar-wasm-config")
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("runner config: %w", err)
+	}
+	// Read from the start (the runners read from where the file is), and
+	// as written.
+	if _, err := f.Seek(0, io.SeekStart); err == nil {
+		_, err = unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, unix.F_SEAL_SEAL|unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_WRITE)
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("runner config: %w", err)
+	}
+	return f, nil
+}
+
+// dup is another descriptor of f, which the Runtime may close.
+func dup(f *os.File) (*os.File, error) {
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 3)
+	if err != nil {
+		return nil, fmt.Errorf("dup %s: %w", f.Name(), err)
+	}
+	return os.NewFile(uintptr(fd), f.Name()), nil
 }
 
 func hasEnv(env []string, key string) bool {

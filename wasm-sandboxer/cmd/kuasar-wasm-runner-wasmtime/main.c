@@ -1,29 +1,33 @@
 // kuasar-wasm-runner-wasmtime is a wasm container's process for the
 // wasmtime engine, without a Go runtime: wasmtime's C API (the static
-// library that wasmtime-go ships in its Go module) and libc only. The daemon
-// (wasm-sandboxer, package wasmrt) starts it, when it lies beside the daemon,
-// exactly as it starts kuasar-wasm-runner in "run" mode (package runner):
+// library that wasmtime-go ships in its Go module) and libc, linked
+// statically: runc execs it inside the container's root, where no library
+// of the host is. It speaks the protocol of package runner's run mode; the
+// daemon (wasm-sandboxer, package wasmrt) has runc pass it, from fd 3 on:
 //
-//   - fd 3, the control pipe: one JSON line (runner.RunConfig), then one
-//     byte that starts the module (EOF instead: deleted unstarted, exit 1);
-//   - fd 4, the status pipe: one JSON object (runner.Status) once the module
+//   - 3: the runner itself (runc execs /proc/self/fd/3);
+//   - 4: the configuration, one JSON object (runner.RunConfig);
+//   - 5: the status pipe: one JSON object (runner.Status) once the module
 //     is instantiated and ready, or why it is not, then closed;
-//   - stdio: /dev/null unless the config names containerd's FIFOs, which the
-//     process opens itself (30 s at most) onto fds 0, 1, 2.
+//   - 6: the module, read-only (read only when there is no cache entry);
+//   - 7: with "cached": the module's cache entry, a read-only mount of
+//     that directory, whose module.cwasm is the code the daemon's compile
+//     child made. wasmtime_module_deserialize_file maps it: the code pages
+//     are shared by every container of the module.
 //
-// It loads the module's code that the daemon's compile child stored in the
-// cache ("compiled": <cache>/wasmtime-v39.0.1/code/<sha256>.cwasm) with
-// wasmtime_module_deserialize_file, which maps the file: the code pages are
-// shared by every container of the module. The engine has wasmtime's default
-// configuration, the one the daemon compiles with (wasmtime-go's
-// NewConfig); code compiled by another wasmtime version or configuration is
-// refused by wasmtime, reported with "bad_cache" so that the daemon drops the
-// entry (the next start compiles again). Without "compiled" (no cache, or a
-// cache file gone) it compiles the module itself, as the Go runner does.
+// runc has made the process what the container's spec says (root, mounts,
+// namespaces, cgroup, user, capabilities, no_new_privs, seccomp); stdio
+// are containerd's FIFOs. The engine has wasmtime's default configuration,
+// the one the daemon compiles with (wasmtime-go's NewConfig); code compiled
+// by another wasmtime version or configuration is refused by wasmtime,
+// reported with "bad_cache" so that the daemon drops the entry (the next
+// start compiles again). Without a cache entry it compiles the module
+// itself, in the container's cgroup.
 //
 // Exit status: proc_exit's code; 0 when _start returns; 134 after a trap
 // (printed on stderr as "wasm-sandboxer: wasm trap: ..."); 1 when it could
-// not get ready. No signal handler of its own: SIGTERM and SIGKILL end it.
+// not get ready. SIGTERM ends it (143), as it would end any process, also
+// when it is its PID namespace's init.
 // It is not meant to be run by hand.
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,6 +42,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -46,10 +51,14 @@
 #include <wasm.h>
 #include <wasmtime.h>
 
-#define CONTROL_FD 3
-#define STATUS_FD 4
+#define BINARY_FD 3
+#define CONFIG_FD 4
+#define STATUS_FD 5
+#define MODULE_FD 6
+#define CACHE_FD 7
+#define CACHE_CODE "/proc/self/fd/7/module.cwasm"
 #define EXIT_TRAP 134
-#define OPEN_TIMEOUT_S 30
+#define MAX_CONFIG (16 << 20)
 #define RELEASE_AFTER_S 1
 
 // ---- the configuration (runner.RunConfig) -----------------------------
@@ -60,12 +69,9 @@ struct strv {
 };
 
 struct config {
-	char *engine, *module, *compiled, *rootfs;
-	char *stdin_path, *stdout_path, *stderr_path, *hostname;
+	char *engine;
+	int cached;
 	struct strv args, env;
-	uint32_t uid, gid;
-	gid_t *groups;
-	size_t ngroups;
 	uint64_t memory_limit;
 };
 
@@ -226,32 +232,14 @@ static int parse_config(const char *line, size_t len, struct config *c) {
 		char *k = str(&j);
 		if (j.err || !k || !expect(&j, ':')) { free(k); return -1; }
 		if (!strcmp(k, "engine")) c->engine = str(&j);
-		else if (!strcmp(k, "module")) c->module = str(&j);
-		else if (!strcmp(k, "compiled")) c->compiled = str(&j);
-		else if (!strcmp(k, "rootfs")) c->rootfs = str(&j);
-		else if (!strcmp(k, "stdin")) c->stdin_path = str(&j);
-		else if (!strcmp(k, "stdout")) c->stdout_path = str(&j);
-		else if (!strcmp(k, "stderr")) c->stderr_path = str(&j);
-		else if (!strcmp(k, "hostname")) c->hostname = str(&j);
-		else if (!strcmp(k, "args")) c->args = strs(&j);
+		else if (!strcmp(k, "cached")) {
+			ws(&j);
+			if (j.end - j.p >= 4 && !memcmp(j.p, "true", 4)) { c->cached = 1; j.p += 4; }
+			else skip(&j);
+		} else if (!strcmp(k, "args")) c->args = strs(&j);
 		else if (!strcmp(k, "env")) c->env = strs(&j);
-		else if (!strcmp(k, "uid")) c->uid = num(&j);
-		else if (!strcmp(k, "gid")) c->gid = num(&j);
 		else if (!strcmp(k, "memory_limit")) c->memory_limit = num(&j);
-		else if (!strcmp(k, "groups")) {
-			if (peek(&j, '[')) {
-				j.p++;
-				while (!j.err && !peek(&j, ']')) {
-					gid_t *ng = realloc(c->groups, (c->ngroups + 1) * sizeof *ng);
-					if (!ng) return -1;
-					c->groups = ng;
-					c->groups[c->ngroups++] = num(&j);
-					if (peek(&j, ',')) j.p++;
-					else if (!peek(&j, ']')) j.err = 1;
-				}
-				expect(&j, ']');
-			} else skip(&j);
-		} else skip(&j);
+		else skip(&j);
 		free(k);
 		if (j.err) return -1;
 		if (peek(&j, ',')) { j.p++; continue; }
@@ -277,8 +265,12 @@ static int reported;
 static void report(const char *err, int invalid, int bad_cache, int cached) {
 	if (reported) return;
 	reported = 1;
+	// The daemon may have gone (restarted) since: no reader is no error.
+	struct sigaction ign = {0}, old;
+	ign.sa_handler = SIG_IGN;
+	sigaction(SIGPIPE, &ign, &old);
 	FILE *f = fdopen(STATUS_FD, "w");
-	if (!f) { close(STATUS_FD); return; }
+	if (!f) { close(STATUS_FD); sigaction(SIGPIPE, &old, NULL); return; }
 	fputc('{', f);
 	if (err) {
 		fputs("\"error\":", f);
@@ -290,6 +282,7 @@ static void report(const char *err, int invalid, int bad_cache, int cached) {
 	}
 	fputs("}\n", f);
 	fclose(f);
+	sigaction(SIGPIPE, &old, NULL);
 }
 
 static int fail(int invalid, int bad_cache, const char *fmt, ...) {
@@ -319,32 +312,6 @@ static const char *errmsg(wasmtime_error_t *e, wasm_trap_t *t, char *buf, size_t
 	buf[n] = 0;
 	if (m.data) wasm_byte_vec_delete(&m);
 	return buf;
-}
-
-// ---- stdio ------------------------------------------------------------
-
-static void on_alarm(int sig) { (void)sig; }
-
-// open_fifo opens containerd's FIFO onto fd, waiting at most
-// OPEN_TIMEOUT_S for its other end (an open of a FIFO blocks until then).
-static int open_fifo(const char *path, int flags, int fd) {
-	struct sigaction sa = {0}, old;
-	sa.sa_handler = on_alarm; // no SA_RESTART: open returns EINTR
-	sigaction(SIGALRM, &sa, &old);
-	alarm(OPEN_TIMEOUT_S);
-	int f = open(path, flags | O_CLOEXEC);
-	int saved = errno;
-	alarm(0);
-	sigaction(SIGALRM, &old, NULL);
-	if (f < 0) {
-		errno = saved == EINTR ? ETIMEDOUT : saved;
-		return -1;
-	}
-	if (f != fd) {
-		if (dup2(f, fd) < 0) { saved = errno; close(f); errno = saved; return -1; }
-		close(f);
-	}
-	return 0;
 }
 
 // ---- releasing start-up file pages (runner/release_linux.go) ----------
@@ -410,40 +377,41 @@ static void *release_later(void *arg) {
 
 // ---- main -------------------------------------------------------------
 
-static char *read_line(int fd, size_t *len) {
-	size_t cap = 4096, n = 0;
-	char *b = malloc(cap);
+static void die_of(int sig) { _exit(128 + sig); }
+
+// exit_on_signals_as_init makes SIGTERM, SIGINT and SIGHUP end the process
+// as they end any other one (exit status 128 + the signal) when it is its
+// PID namespace's init (a container with a PID namespace of its own), to
+// which the kernel sends no signal it has no handler for: a WASI module
+// cannot handle signals, so the runner does what their default would.
+static void exit_on_signals_as_init(void) {
+	if (getpid() != 1) return;
+	struct sigaction sa = {0};
+	sa.sa_handler = die_of;
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
+}
+
+// read_fd reads what fd holds from its start (pread: the file's offset is
+// not the runner's to rely on), at most max bytes (NULL beyond).
+static uint8_t *read_fd(int fd, size_t max, size_t *len) {
+	size_t cap = 64 << 10, n = 0;
+	uint8_t *b = malloc(cap);
 	while (b) {
 		if (n == cap) {
-			char *nb = realloc(b, cap *= 2);
+			if (cap >= max) { free(b); errno = EFBIG; return NULL; }
+			uint8_t *nb = realloc(b, cap *= 2);
 			if (!nb) { free(b); return NULL; }
 			b = nb;
 		}
-		ssize_t r = read(fd, b + n, 1);
+		ssize_t r = pread(fd, b + n, cap - n, (off_t)n);
 		if (r < 0 && errno == EINTR) continue;
-		if (r <= 0) { free(b); return NULL; }
-		if (b[n] == '\n') { *len = n; return b; }
-		n++;
-	}
-	return NULL;
-}
-
-static int read_file(const char *path, uint8_t **data, size_t *len) {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) return -1;
-	struct stat st;
-	if (fstat(fd, &st) < 0) { close(fd); return -1; }
-	*data = malloc(st.st_size ? st.st_size : 1);
-	size_t n = 0;
-	while (*data && n < (size_t)st.st_size) {
-		ssize_t r = read(fd, *data + n, st.st_size - n);
-		if (r < 0 && errno == EINTR) continue;
-		if (r <= 0) break;
+		if (r < 0) { free(b); return NULL; }
+		if (r == 0) { *len = n; return b; }
 		n += r;
 	}
-	close(fd);
-	*len = n;
-	return *data ? 0 : -1;
+	return NULL;
 }
 
 int main(int argc, char **argv) {
@@ -454,6 +422,10 @@ int main(int argc, char **argv) {
 		fprintf(stderr, "kuasar-wasm-runner-wasmtime runs wasm-sandboxer's wasmtime module processes; it is started by wasm-sandboxer\n");
 		return 2;
 	}
+	// What ps shows, rather than the descriptor runc exec'd ("3").
+	prctl(PR_SET_NAME, "kuasar-wasm", 0, 0, 0);
+	exit_on_signals_as_init();
+	close(BINARY_FD);
 	// One malloc arena (the module runs on one thread; wasmtime's WASI
 	// adds one tokio worker), and free memory at the top of the heap goes
 	// back to the kernel: -0.06 MiB per container.
@@ -461,23 +433,16 @@ int main(int argc, char **argv) {
 	mallopt(M_TOP_PAD, 0);
 	mallopt(M_TRIM_THRESHOLD, 0);
 	size_t len;
-	char *line = read_line(CONTROL_FD, &len);
-	if (!line) return fail(0, 0, "read config: %s", errno ? strerror(errno) : "EOF");
+	char *line = (char *)read_fd(CONFIG_FD, MAX_CONFIG, &len);
+	close(CONFIG_FD);
+	if (!line) return fail(0, 0, "read config: %s", strerror(errno));
 	struct config cfg;
 	if (parse_config(line, len, &cfg) < 0) return fail(0, 0, "decode config: malformed JSON");
 	free(line);
 	if (cfg.engine && strcmp(cfg.engine, "wasmtime") != 0)
 		return fail(0, 0, "kuasar-wasm-runner-wasmtime runs the wasmtime engine only, not %s", cfg.engine);
-	if (!cfg.rootfs || !cfg.module) return fail(0, 0, "decode config: no module or rootfs");
 
-	int procfd = open("/proc/self", O_RDONLY | O_DIRECTORY | O_CLOEXEC); // before the chroot
-
-	const char *paths[3] = {cfg.stdin_path, cfg.stdout_path, cfg.stderr_path};
-	const int flags[3] = {O_RDONLY, O_WRONLY, O_WRONLY};
-	for (int i = 0; i < 3; i++) {
-		if (paths[i] && *paths[i] && open_fifo(paths[i], flags[i], i) < 0)
-			return fail(0, 0, "open %s: %s", paths[i], strerror(errno));
-	}
+	int procfd = open("/proc/self", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 
 	// wasmtime's default configuration: the daemon's compile child uses
 	// wasmtime-go's NewConfig, which is wasm_config_new as well.
@@ -486,36 +451,24 @@ int main(int argc, char **argv) {
 	wasmtime_module_t *module = NULL;
 	wasmtime_error_t *err;
 	char msg[2048];
-	int cached = 0;
-	struct stat st;
-	if (cfg.compiled && *cfg.compiled && stat(cfg.compiled, &st) == 0) {
-		err = wasmtime_module_deserialize_file(engine, cfg.compiled, &module);
+	if (cfg.cached) {
+		err = wasmtime_module_deserialize_file(engine, CACHE_CODE, &module);
+		close(CACHE_FD);
 		if (err)
 			return fail(0, 1,
-				    "wasmtime: cannot load the compiled module %s from the cache: %s "
+				    "wasmtime: cannot load the compiled module: %s "
 				    "(kuasar-wasm-runner-wasmtime must be built with the daemon's wasmtime, v39.0.1, and its settings)",
-				    cfg.compiled, errmsg(err, NULL, msg, sizeof msg));
-		cached = 1;
+				    errmsg(err, NULL, msg, sizeof msg));
 	} else {
-		uint8_t *wasm;
 		size_t n;
-		if (read_file(cfg.module, &wasm, &n) < 0) return fail(0, 0, "open %s: %s", cfg.module, strerror(errno));
+		uint8_t *wasm = read_fd(MODULE_FD, (size_t)1 << 40, &n);
+		if (!wasm) return fail(0, 0, "read the module: %s", strerror(errno));
 		if (n < 8 || memcmp(wasm, "\0asm", 4) != 0) return fail(1, 0, "invalid wasm module: no \\0asm header");
 		err = wasmtime_module_new(engine, wasm, n, &module);
 		free(wasm);
 		if (err) return fail(1, 0, "invalid wasm module: %s", errmsg(err, NULL, msg, sizeof msg));
 	}
-
-	// The module sees the rootfs only.
-	if (chroot(cfg.rootfs) < 0) return fail(0, 0, "chroot %s: %s", cfg.rootfs, strerror(errno));
-	if (chdir("/") < 0) return fail(0, 0, "chdir /: %s", strerror(errno));
-	if (cfg.hostname && *cfg.hostname && sethostname(cfg.hostname, strlen(cfg.hostname)) < 0)
-		return fail(0, 0, "set hostname: %s", strerror(errno));
-	if (cfg.uid || cfg.gid || cfg.ngroups) {
-		if (setgroups(cfg.ngroups, cfg.groups) < 0) return fail(0, 0, "setgroups: %s", strerror(errno));
-		if (setgid(cfg.gid) < 0) return fail(0, 0, "setgid %u: %s", cfg.gid, strerror(errno));
-		if (setuid(cfg.uid) < 0) return fail(0, 0, "setuid %u: %s", cfg.uid, strerror(errno));
-	}
+	close(MODULE_FD);
 
 	wasmtime_linker_t *linker = wasmtime_linker_new(engine);
 	if ((err = wasmtime_linker_define_wasi(linker)))
@@ -538,9 +491,10 @@ int main(int argc, char **argv) {
 	wasi_config_inherit_stdin(wasi);
 	wasi_config_inherit_stdout(wasi);
 	wasi_config_inherit_stderr(wasi);
+	// "/" is the container's root: runc has pivoted into it.
 	if (!wasi_config_preopen_dir(wasi, "/", "/", WASMTIME_WASI_DIR_PERMS_READ | WASMTIME_WASI_DIR_PERMS_WRITE,
 				     WASMTIME_WASI_FILE_PERMS_READ | WASMTIME_WASI_FILE_PERMS_WRITE))
-		return fail(0, 0, "wasmtime: pre-open %s: failed to preopen directory", cfg.rootfs);
+		return fail(0, 0, "wasmtime: pre-open /: failed to preopen directory");
 	if ((err = wasmtime_context_set_wasi(ctx, wasi)))
 		return fail(0, 0, "wasmtime: WASI: %s", errmsg(err, NULL, msg, sizeof msg));
 	free(keys);
@@ -554,19 +508,11 @@ int main(int argc, char **argv) {
 	if (!wasmtime_instance_export_get(ctx, &instance, "_start", 6, &start) || start.kind != WASMTIME_EXTERN_FUNC)
 		return fail(1, 0, "cannot instantiate wasm module: the module exports no _start (not a WASI command)");
 
-	report(NULL, 0, 0, cached);
+	report(NULL, 0, 0, cfg.cached);
 	// What loading and instantiating left: file pages out of the page
-	// tables, free heap back to the kernel, while the process waits.
+	// tables, free heap back to the kernel.
 	release(procfd);
 	malloc_trim(0);
-
-	// Created: wait for Start; EOF means deleted unstarted.
-	char b;
-	ssize_t r;
-	while ((r = read(CONTROL_FD, &b, 1)) < 0 && errno == EINTR)
-		;
-	if (r != 1) return 1;
-	close(CONTROL_FD);
 	if (procfd >= 0) {
 		// Once more when the module has initialised itself.
 		pthread_attr_t at;
@@ -578,6 +524,7 @@ int main(int argc, char **argv) {
 		pthread_attr_destroy(&at);
 	}
 
+	// runc start was the start: run.
 	trap = NULL;
 	err = wasmtime_func_call(ctx, &start.of.func, NULL, 0, NULL, 0, &trap);
 	if (err) {

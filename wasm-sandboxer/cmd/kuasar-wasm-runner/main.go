@@ -1,10 +1,10 @@
-// Command kuasar-wasm-runner is a wasm container's process: wasm-sandboxer
-// starts it in the pod's namespaces and the container's cgroup to run one
-// WASI module (and, outside any container, to compile a module into the
-// cache). It is installed beside wasm-sandboxer, which otherwise
-// re-executes itself for the same job; being a small program of its own
-// (the engines, no gRPC, protobuf or containerd packages) it costs each
-// container less memory. It is not meant to be run by hand.
+// Command kuasar-wasm-runner is a wasm container's process for the engines
+// other than wasmtime (wazero): runc execs it inside the container, from a
+// descriptor wasm-sandboxer passes on, to run one WASI module (package
+// runner). Built without cgo, it is static, as a program that runs in the
+// container's root must be, and a small program of its own (no gRPC,
+// protobuf or containerd packages), so that it costs each container little
+// memory. It is not meant to be run by hand.
 package main
 
 import (

@@ -1,7 +1,8 @@
 // Command wasm-sandboxer serves containerd's sandbox controller and task
 // APIs for pods whose containers are WebAssembly (WASI) modules, run by
-// wasmtime, wazero or WasmEdge in a process per container inside the pod's
-// namespaces and cgroup: one daemon for every pod of the node.
+// wasmtime, wazero or WasmEdge: each container is an OCI container under
+// runc whose process is the engine's runner, in the pod's namespaces and
+// cgroup. One daemon serves every pod of the node.
 package main
 
 import (
@@ -11,14 +12,16 @@ import (
 	"github.com/kuasar-go/kuasar-go/shared/daemon"
 	"github.com/kuasar-go/kuasar-go/shared/hostpod"
 	"github.com/kuasar-go/kuasar-go/shared/task"
+	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/runner"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/sandbox"
 	"github.com/kuasar-go/kuasar-go/wasm-sandboxer/wasmrt"
 )
 
 func main() {
-	// A container's module process (or a compiler) is this binary too.
-	if wasmrt.IsChild() {
-		wasmrt.ChildMain()
+	// The compile child (package compile) is this binary too: it has the
+	// engines.
+	if runner.IsChild() {
+		runner.Main()
 		return
 	}
 	cfg := sandbox.DefaultConfig()
@@ -27,11 +30,13 @@ func main() {
 			Engine:         cfg.Wasm.Engine,
 			AllowedEngines: cfg.Allowed(),
 			CacheDir:       cfg.ResolvedCacheDir(base.Flags.Dir),
+			Compile:        cfg.CompileLimits(),
 			// containerd's gRPC socket beside its ttrpc one, for the
 			// content store (wasm OCI artifacts).
 			ContainerdAddress: strings.TrimSuffix(base.Flags.ContainerdAddress, ".ttrpc"),
 			ModulesDir:        filepath.Join(base.Flags.Dir, "modules"),
-			GoRunnerOnly:      cfg.Wasm.WasmtimeGoRunner,
+			// runc's state, as runc-sandboxer keeps it.
+			Runtime: task.RuntimeConfig{Root: filepath.Join(base.Flags.Dir, "runc")},
 		}, base.Log.Named("wasm"))
 	})
 }
