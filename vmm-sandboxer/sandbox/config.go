@@ -8,6 +8,7 @@ package sandbox
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"path/filepath"
 	"time"
 
@@ -78,6 +79,16 @@ type QEMUConfig struct {
 	// obsolete, elevateprivileges, spawn and resourcecontrol denied).
 	// Default true; false only for a QEMU built without seccomp.
 	Sandbox bool `toml:"sandbox"`
+	// Unprivileged runs each VM's QEMU as a user of its own, not root: a
+	// guest that breaks into QEMU is then a user who owns nothing, cannot
+	// touch another VM, and finds the VM's directory (the pod's records,
+	// share and sockets, which QEMU gets as descriptors) closed to it.
+	// The user and its group are the same number, one per running VM,
+	// from RunAsUIDBase on (RunAsUIDCount of them, which bounds the VMs
+	// the daemon runs at once).
+	Unprivileged  bool   `toml:"unprivileged"`
+	RunAsUIDBase  uint32 `toml:"run_as_uid_base"`
+	RunAsUIDCount uint32 `toml:"run_as_uid_count"`
 }
 
 // VirtiofsdConfig configures the virtio-fs daemon of each pod.
@@ -96,6 +107,19 @@ const (
 // minLogMaxKiB keeps enough of a log for its tail to explain a failure.
 const minLogMaxKiB = 64
 
+// The IDs QEMU runs as by default: a range that distributions and systemd
+// leave unused (systemd's container ranges end below 0x70000000, its
+// foreign range is at 0x7FFE0000), below 2^31, from where some tools take
+// IDs for negative.
+const (
+	DefaultRunAsUIDBase  = 0x70000000
+	DefaultRunAsUIDCount = 65536
+	// minRunAsUID keeps the range above the IDs of the host's own users
+	// and groups (and of nobody, 65534).
+	minRunAsUID = 65536
+	maxRunAsUID = 1<<31 - 2
+)
+
 // minGuestMemoryMiB is what the guest kernel, vmm-task and runc need to
 // boot and run a small container.
 const minGuestMemoryMiB = 128
@@ -109,7 +133,10 @@ func DefaultConfig() *Config {
 			Kernel: DefaultKernel, Initrd: DefaultInitrd,
 			MemoryOverheadMiB: 128, MaxCPUs: 8, BootTimeoutSeconds: 120, LogMaxKiB: 1024,
 		},
-		QEMU:            QEMUConfig{Binary: qemu.DefaultBinary, Accel: string(hypervisor.AccelAuto), CPUs: 1, MemoryMiB: 256, TCGCacheMiB: 64, Sandbox: true},
+		QEMU: QEMUConfig{
+			Binary: qemu.DefaultBinary, Accel: string(hypervisor.AccelAuto), CPUs: 1, MemoryMiB: 256, TCGCacheMiB: 64, Sandbox: true,
+			Unprivileged: true, RunAsUIDBase: DefaultRunAsUIDBase, RunAsUIDCount: DefaultRunAsUIDCount,
+		},
 		CloudHypervisor: cloudhypervisor.DefaultConfig(),
 		StratoVirt:      stratovirt.DefaultConfig(),
 		Virtiofsd:       VirtiofsdConfig{Binary: virtiofs.DefaultBinary, Cache: "none"},
@@ -157,6 +184,12 @@ func (c *Config) Validate() error {
 	if _, err := hypervisor.ParseAccel(c.QEMU.Accel); err != nil {
 		errs = append(errs, fmt.Errorf("qemu.accel: %w", err))
 	}
+	if q := c.QEMU; q.RunAsUIDBase < minRunAsUID {
+		errs = append(errs, fmt.Errorf("qemu.run_as_uid_base %d: want at least %d", q.RunAsUIDBase, minRunAsUID))
+	} else if q.RunAsUIDCount < 1 || uint64(q.RunAsUIDBase)+uint64(q.RunAsUIDCount)-1 > maxRunAsUID {
+		errs = append(errs, fmt.Errorf("qemu.run_as_uid_count %d: want 1 to %d from qemu.run_as_uid_base %d",
+			q.RunAsUIDCount, maxRunAsUID-q.RunAsUIDBase+1, q.RunAsUIDBase))
+	}
 	errs = append(errs, c.CloudHypervisor.Validate(), c.StratoVirt.Validate())
 	switch c.Virtiofsd.Cache {
 	case "none", "auto", "always":
@@ -164,6 +197,22 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("virtiofsd.cache %q: want none, auto or always", c.Virtiofsd.Cache))
 	}
 	return errors.Join(errs...)
+}
+
+// CheckHost reports, at the daemon's start, what of the configuration
+// this host cannot run: an unprivileged QEMU that may use KVM where only
+// root can open /dev/kvm. That is an error for the operator to settle,
+// not a quiet fall back to QEMU as root.
+func (c *Config) CheckHost() error { return c.checkKVM(qemu.KVMDevice) }
+
+func (c *Config) checkKVM(dev string) error {
+	if c.Hypervisor != HypervisorQEMU || !c.QEMU.Unprivileged || c.QEMU.Accel == string(hypervisor.AccelTCG) {
+		return nil
+	}
+	if _, err := qemu.KVMGroups(dev); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("qemu.unprivileged: %w; or set qemu.accel = \"tcg\" to run without KVM, or qemu.unprivileged = false to run QEMU as root", err)
+	}
+	return nil
 }
 
 // BootTimeout is Guest.BootTimeoutSeconds as a duration.

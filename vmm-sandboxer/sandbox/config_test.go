@@ -42,6 +42,11 @@ func TestConfigValidate(t *testing.T) {
 		{"bad accel", "[qemu]\naccel = \"hvf\"\n", "qemu.accel"},
 		{"bad cache", "[virtiofsd]\ncache = \"never\"\n", "virtiofsd.cache"},
 		{"unknown hypervisor", "hypervisor = \"firecracker\"\n", "hypervisor"},
+		{"QEMU as root", "[qemu]\nunprivileged = false\n", ""},
+		{"another uid range", "[qemu]\nrun_as_uid_base = 0x10000\nrun_as_uid_count = 1\n", ""},
+		{"uids of the host's users", "[qemu]\nrun_as_uid_base = 1000\n", "qemu.run_as_uid_base"},
+		{"no uids", "[qemu]\nrun_as_uid_count = 0\n", "qemu.run_as_uid_count"},
+		{"uids past 2^31-2", "[qemu]\nrun_as_uid_base = 0x7fff0000\nrun_as_uid_count = 65536\n", "qemu.run_as_uid_count"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "vmm-sandboxer.toml")

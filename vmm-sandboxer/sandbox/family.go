@@ -30,6 +30,7 @@ import (
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor/qemu"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/podnet"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/transport"
+	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/uidpool"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/virtiofs"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/vmtask"
 )
@@ -67,6 +68,9 @@ type state struct {
 	// read-only copy (see makeShare). Pods of earlier versions mounted in
 	// the share itself.
 	SplitShare bool `json:"split_share,omitempty"`
+	// VMMUid is the user (and group) QEMU runs as when unprivileged: held
+	// for this pod, after a restart too, until QEMU is gone.
+	VMMUid uint32 `json:"vmm_uid,omitempty"`
 }
 
 // shareDir is what virtiofsd serves to the guest.
@@ -118,6 +122,7 @@ type Family struct {
 	proxy  TaskProxy
 	fds    vmtask.FDKeeper
 	log    *zap.Logger
+	uids   *uidpool.Pool // the users QEMU runs as
 
 	accelOnce sync.Once
 	accel     hypervisor.Accel
@@ -133,7 +138,8 @@ var _ controller.Sandboxer = (*Family)(nil)
 // proxy and fds are the keeper's: it serves the pods' task addresses and
 // holds their containers' output FIFOs open while the daemon restarts.
 func New(cfg *Config, dir string, events *events.Forwarder, proxy TaskProxy, fds vmtask.FDKeeper, log *zap.Logger) *Family {
-	return &Family{cfg: cfg, dir: dir, events: events, proxy: proxy, fds: fds, log: log, pods: map[string]*pod{}}
+	return &Family{cfg: cfg, dir: dir, events: events, proxy: proxy, fds: fds, log: log, pods: map[string]*pod{},
+		uids: uidpool.New(cfg.QEMU.RunAsUIDBase, cfg.QEMU.RunAsUIDCount)}
 }
 
 func load(sb *store.Sandbox) (state, error) {
@@ -269,6 +275,9 @@ func (f *Family) Start(ctx context.Context, sb *store.Sandbox) (_ <-chan control
 		for i, iface := range nw.Interfaces {
 			vmCfg.Devices = append(vmCfg.Devices, &hypervisor.TapNet{ID: fmt.Sprintf("net%d", i), Files: []*os.File{iface.Tap}, MAC: iface.MAC})
 		}
+	}
+	if vmCfg.RunAs, err = f.runAs(sb.ID, &st); err != nil {
+		return nil, err
 	}
 	vm, dialer, err := f.newVM(ctx, vmCfg, f.log.Named(f.cfg.Hypervisor).With(zap.String("sandbox", sb.ID)))
 	if err != nil {
@@ -572,6 +581,7 @@ func (f *Family) release(ctx context.Context, sb *store.Sandbox, st state, p *po
 		// A VM of an earlier daemon instance.
 		_ = unix.Kill(st.VMMPid, unix.SIGKILL)
 	}
+	f.releaseUID(sb.ID, st)
 	if p.fsd != nil {
 		errs = append(errs, p.fsd.Stop(ctx))
 	} else if virtiofsdOf(st) {
@@ -600,11 +610,12 @@ func (f *Family) release(ctx context.Context, sb *store.Sandbox, st state, p *po
 	return errors.Join(errs...)
 }
 
-// vmmOf tells whether st.VMMPid still is this pod's VMM (its command line
-// names the VM's directory) and not a process that reused the PID.
+// vmmOf tells whether st.VMMPid still is this pod's VMM and not a process
+// that reused the PID: by its start time, which the kernel keeps (a VMM
+// can rewrite its command line, and would then outlive its pod).
 func vmmOf(st state) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", st.VMMPid))
-	return err == nil && containsDir(b, st.VMDir)
+	alive, err := proc.Alive(st.VMMPid, st.VMMStartTime)
+	return err == nil && alive
 }
 
 // containsDir tells whether a command line names a path in dir.

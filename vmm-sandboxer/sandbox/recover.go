@@ -39,6 +39,12 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (_ <-chan contr
 	if f.cfg.Hypervisor != HypervisorQEMU {
 		return nil, fmt.Errorf("reattaching to %s VMs is not supported: %w", f.cfg.Hypervisor, errdefs.ErrNotImplemented)
 	}
+	// Held until the pod's release, whether its VM still runs or not.
+	if st.VMMUid != 0 {
+		if err := f.uids.Reserve(st.VMMUid, sb.ID); err != nil {
+			return nil, fmt.Errorf("the user of sandbox %s's QEMU: %w", sb.ID, err)
+		}
+	}
 	if st.VMMPid == 0 || !vmmOf(st) {
 		return nil, fmt.Errorf("the VM of sandbox %s no longer runs: %w", sb.ID, errdefs.ErrNotFound)
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"syscall"
 
 	"github.com/containerd/errdefs"
 	"go.uber.org/zap"
@@ -75,6 +76,13 @@ func (f *Family) newVM(ctx context.Context, cfg hypervisor.Config, log *zap.Logg
 			return nil, nil, err
 		}
 		cfg.Binary, cfg.TCGCacheMiB, cfg.Unconfined = f.cfg.QEMU.Binary, f.cfg.QEMU.TCGCacheMiB, !f.cfg.QEMU.Sandbox
+		if cfg.RunAs != nil && cfg.Accel == hypervisor.AccelKVM {
+			runAs := *cfg.RunAs
+			if runAs.Groups, err = qemu.KVMGroups(qemu.KVMDevice); err != nil {
+				return nil, nil, fmt.Errorf("qemu.unprivileged: %w: %w", err, errdefs.ErrFailedPrecondition)
+			}
+			cfg.RunAs = &runAs
+		}
 		var q *qemu.QEMU
 		if q, err = qemu.New(cfg, log); err == nil {
 			vm = q
@@ -85,6 +93,27 @@ func (f *Family) newVM(ctx context.Context, cfg hypervisor.Config, log *zap.Logg
 		return nil, nil, fmt.Errorf("%s: %w: %w", f.cfg.Hypervisor, err, errdefs.ErrInvalidArgument)
 	}
 	return vm, dialer, nil
+}
+
+// runAs gives the pod's QEMU a user of its own, recorded in the pod's
+// state, when QEMU runs unprivileged; nil runs it as root.
+func (f *Family) runAs(id string, st *state) (*syscall.Credential, error) {
+	if f.cfg.Hypervisor != HypervisorQEMU || !f.cfg.QEMU.Unprivileged {
+		return nil, nil
+	}
+	uid, err := f.uids.Allocate(id)
+	if err != nil {
+		return nil, fmt.Errorf("a user for the VM's QEMU: %w", err)
+	}
+	st.VMMUid = uid
+	return &syscall.Credential{Uid: uid, Gid: uid}, nil
+}
+
+// releaseUID frees the pod's QEMU user once QEMU is gone.
+func (f *Family) releaseUID(id string, st state) {
+	if st.VMMUid != 0 {
+		f.uids.Release(st.VMMUid, id)
+	}
 }
 
 // dialerFor reaches the agent through the VM's vsock or serial device.

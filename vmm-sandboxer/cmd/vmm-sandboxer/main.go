@@ -39,6 +39,10 @@ func run() error {
 		return err
 	}
 	defer base.StopIdleKeeper(ctrl)
+	// Here, so that the keeper goes too when no pod needs it.
+	if err := cfg.CheckHost(); err != nil {
+		return err
+	}
 	// Each pod has its own task socket (see package sandbox).
 	if err := base.Serve(ctrl, nil); err != nil {
 		log.Error("exiting", zap.Error(err))
