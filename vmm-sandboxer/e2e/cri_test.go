@@ -111,6 +111,9 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 	mainID := env.CreateStartContainer(t, podID, podCfg, main)
 	env.WaitLog(t, podCfg, main, "to-stderr", 60*time.Second)
 	tFirstLog := time.Since(t0)
+	// QEMU runs as a user of its own, who cannot open the VM's directory.
+	qemuPID := qemuOf(t, podID)
+	qemuUser := checkQEMUUser(t, qemuPID, vmDirOf(env, podID))
 	guestKernel, err := guest.NewestKernel("/lib/modules", "/boot")
 	if err != nil {
 		t.Fatal(err)
@@ -212,6 +215,9 @@ func TestE2EVMMPodLifecycle(t *testing.T) {
 	// start.
 	env.RestartSandboxer(t, handler, 2*time.Second)
 	env.WaitPodReady(t, podID, 20*time.Second)
+	if pid := qemuOf(t, podID); pid != qemuPID || checkQEMUUser(t, pid, vmDirOf(env, podID)) != qemuUser {
+		t.Errorf("after the daemon's restart the pod's QEMU is pid %d, was %d as user %d", pid, qemuPID, qemuUser)
+	}
 	if st := env.ContainerStatus(t, peerID); st.State != runtime.ContainerState_CONTAINER_RUNNING {
 		t.Errorf("peer container after the daemon's restart: %v (exit %d), want RUNNING", st.State, st.ExitCode)
 	} else if out, _, code := env.ExecSync(t, peerID, 30*time.Second, "sh", "-c", "echo still-here"); out != "still-here\n" || code != 0 {

@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -39,6 +37,11 @@ func hostileImage(t *testing.T) string {
 			return
 		}
 		dir, err := os.MkdirTemp("", "kuasar-hostile-guest-")
+		if err == nil {
+			// The image is read by QEMU, which runs as a user who owns
+			// nothing (qemu.unprivileged).
+			err = os.Chmod(dir, 0o755)
+		}
 		if err != nil {
 			hostileErr = err
 			return
@@ -86,11 +89,9 @@ func mountsAt(t *testing.T) []string {
 	return out
 }
 
-// consoleOf is the console log of pod id's VM (in the directory named
-// after the ID's hash: sandbox.Family.vmDir).
+// consoleOf is the console log of pod id's VM.
 func consoleOf(env *testenv.Env, id string) string {
-	h := sha256.Sum256([]byte(id))
-	return filepath.Join(env.SandboxerDirs[handler], "vm", hex.EncodeToString(h[:8]), "console.log")
+	return filepath.Join(vmDirOf(env, id), "console.log")
 }
 
 // waitConsole waits until the pod's guest console matches re and returns
@@ -194,6 +195,12 @@ func TestHostileGuest(t *testing.T) {
 			{ContainerPath: "/ro", HostPath: ro, Readonly: true},
 		}
 		victimID := env.CreateStartContainer(t, podID, pod, victim)
+		// Each VM's QEMU is a user of its own, who can open neither VM's
+		// directory.
+		dirs := []string{vmDirOf(env, goodID), vmDirOf(env, podID)}
+		if a, b := checkQEMUUser(t, qemuOf(t, goodID), dirs...), checkQEMUUser(t, qemuOf(t, podID), dirs...); a == b {
+			t.Errorf("the QEMUs of two pods run as the same user %d", a)
+		}
 		// Some rounds of the attack with the container's mounts in place.
 		report := regexp.MustCompile(`hostile: links: (\d+) tries, (\d+) took (.*)`)
 		first := waitConsole(t, env, podID, report, 60*time.Second)
