@@ -22,9 +22,19 @@ import (
 
 var (
 	hostileOnce   sync.Once
+	hostileDir    string
 	hostileInitrd string
 	hostileErr    error
 )
+
+// TestMain removes the hostile guest image, built once for the process.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if hostileDir != "" {
+		os.RemoveAll(hostileDir)
+	}
+	os.Exit(code)
+}
 
 // hostileImage builds, once per test binary, a guest image whose agent is
 // the hostile guest (e2e/hostileguest) and returns its initramfs.

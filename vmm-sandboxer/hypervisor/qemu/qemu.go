@@ -137,6 +137,13 @@ func (q *QEMU) command() (*exec.Cmd, error) {
 	// Its own session: the VM outlives the daemon and is not hit by
 	// signals sent to the daemon's process group.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Credential: q.cfg.RunAs}
+	if q.cfg.RunAs != nil {
+		// A network namespace of its own, empty: QEMU's network is the
+		// tap descriptors it is given, and a guest that escapes into it
+		// reaches no host socket (it could as another user: the host's
+		// services on loopback).
+		cmd.SysProcAttr.Cloneflags = syscall.CLONE_NEWNET
+	}
 	err = cmd.Start()
 	files.close(err != nil)
 	if err != nil {

@@ -194,6 +194,11 @@ func TestQEMUUnprivileged(t *testing.T) {
 			t.Errorf("QEMU's %s: %q, want %q", k, fields[k], want)
 		}
 	}
+	// A network namespace of its own.
+	self, _ := os.Readlink("/proc/self/ns/net")
+	if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", vm.PID())); err != nil || ns == self {
+		t.Errorf("QEMU's network namespace %q (%v) is the host's", ns, err)
+	}
 	// The console it writes to, through a descriptor.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
