@@ -72,6 +72,9 @@ type Compiler struct {
 	log      *zap.Logger
 	slots    chan struct{}
 	seq      atomic.Uint64
+	// cgMu orders making a compile's cgroup (and CgroupParent with it)
+	// with removing CgroupParent once no compile has a cgroup there.
+	cgMu sync.Mutex
 
 	mu       sync.Mutex
 	inflight map[string]*call
@@ -174,18 +177,16 @@ func (c *Compiler) compile(ctx context.Context, name string, m *modfile.Module, 
 func (c *Compiler) run(ctx context.Context, name string, m *modfile.Module, dir string) (string, error) {
 	cgPath := path.Join(CgroupParent, strconv.FormatUint(c.seq.Add(1), 10))
 	mem, pids := c.limits.Memory, c.limits.Pids
+	c.cgMu.Lock()
 	cg, err := cgroup.NewLimited(cgPath, &specs.LinuxResources{
 		Memory: &specs.LinuxMemory{Limit: &mem},
 		Pids:   &specs.LinuxPids{Limit: &pids},
 	})
+	c.cgMu.Unlock()
 	if err != nil {
 		return "", fmt.Errorf("compile cgroup: %w", err)
 	}
-	defer func() {
-		if err := cgroup.Remove(cgPath); err != nil {
-			c.log.Warn("remove compile cgroup", zap.String("cgroup", cgPath), zap.Error(err))
-		}
-	}()
+	defer c.removeCgroup(cgPath)
 	req, err := json.Marshal(runner.CompileRequest{Engine: name, Entry: dir, MaxSize: c.limits.MaxModuleSize})
 	if err != nil {
 		return "", err
@@ -245,6 +246,20 @@ func (c *Compiler) run(ctx context.Context, name string, m *modfile.Module, dir 
 		return "", fmt.Errorf("%s: needs more than %d MiB of memory (wasm.compile_memory_mib): %w", what, c.limits.Memory>>20, errdefs.ErrResourceExhausted)
 	}
 	return "", fmt.Errorf("%s: compiler exit status %d: %s", what, status, strings.TrimSpace(stderr.String()))
+}
+
+// removeCgroup removes a compile's cgroup, and CgroupParent when no other
+// compile has one there: nothing of the compiles stays.
+func (c *Compiler) removeCgroup(p string) {
+	if err := cgroup.Remove(p); err != nil {
+		c.log.Warn("remove compile cgroup", zap.String("cgroup", p), zap.Error(err))
+		return
+	}
+	c.cgMu.Lock()
+	defer c.cgMu.Unlock()
+	if parent, err := cgroup.Load(CgroupParent); err == nil {
+		_ = parent.Delete() // fails while another compile's cgroup is there
+	}
 }
 
 // deadline is why a compile that ctx or the compile deadline (cctx) ended

@@ -79,20 +79,13 @@ func open(t *testing.T, root, name string) *modfile.Module {
 }
 
 // leftovers are what a compile must not leave: temporary directories in
-// the cache and compile cgroups.
+// the cache and compile cgroups (their parent included).
 func leftovers(t *testing.T, cache string) []string {
 	t.Helper()
-	tmp, _ := filepath.Glob(filepath.Join(cache, "*", tmpPrefix+"*"))
-	cgs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", CgroupParent, "*"))
-	if len(cgs) == 0 {
-		cgs, _ = filepath.Glob(filepath.Join("/sys/fs/cgroup", CgroupParent, "*"))
-	}
-	for _, cg := range cgs {
-		if fi, err := os.Stat(cg); err == nil && fi.IsDir() {
-			tmp = append(tmp, cg)
-		}
-	}
-	return tmp
+	out, _ := filepath.Glob(filepath.Join(cache, "*", tmpPrefix+"*"))
+	cgs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", CgroupParent))
+	cgs2, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", CgroupParent))
+	return append(append(out, cgs...), cgs2...)
 }
 
 // TestEntry: every engine's compile fills the module's entry, readable by
