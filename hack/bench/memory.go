@@ -145,8 +145,8 @@ func classify(handler string, p proc, parent string) string {
 	switch handler {
 	case kuasar, wasm:
 		// The pod's namespace holder (shared/holder). A wasm pod's module
-		// processes ("kuasar-wasm <container> <module>") and compile
-		// children ("kuasar-wasm-compile") are the workload.
+		// processes (the engines' runners, which runc starts as
+		// containers) and compile children are the workload.
 		if parent == "daemon" && arg0 == "kuasar-holder" {
 			return "holder"
 		}
