@@ -43,18 +43,9 @@ func qemuOf(t *testing.T, id string) int {
 // nothing of the VM directories dirs. It returns the user.
 func checkQEMUUser(t *testing.T, pid int, dirs ...string) uint32 {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	status := map[string][]string{}
-	for _, l := range strings.Split(string(b), "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok {
-			status[k] = strings.Fields(v)
-		}
-	}
+	status := testenv.ProcStatus(t, pid)
 	ids := func(key string) uint32 {
-		f := status[key]
+		f := strings.Fields(status[key])
 		if len(f) != 4 || f[0] != f[1] || f[0] != f[2] || f[0] != f[3] {
 			t.Fatalf("QEMU pid %d: %s %v: want one ID four times", pid, key, f)
 		}
@@ -66,12 +57,12 @@ func checkQEMUUser(t *testing.T, pid int, dirs ...string) uint32 {
 		t.Errorf("QEMU pid %d runs as user %d, group %d: want neither root", pid, uid, gid)
 	}
 	for k, want := range map[string]string{"CapPrm": "0000000000000000", "CapEff": "0000000000000000", "NoNewPrivs": "1", "Seccomp": "2"} {
-		if got := strings.Join(status[k], " "); got != want {
+		if got := status[k]; got != want {
 			t.Errorf("QEMU pid %d: %s %q, want %q", pid, k, got, want)
 		}
 	}
 	cred := &syscall.Credential{Uid: uid, Gid: gid}
-	for _, g := range status["Groups"] {
+	for _, g := range strings.Fields(status["Groups"]) {
 		v, _ := strconv.ParseUint(g, 10, 32)
 		cred.Groups = append(cred.Groups, uint32(v))
 	}

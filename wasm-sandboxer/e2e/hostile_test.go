@@ -68,26 +68,10 @@ func hostileContainer(name string, args ...string) *runtime.ContainerConfig {
 	return c
 }
 
-// status of a process, by field.
-func procStatus(t *testing.T, pid int) map[string]string {
-	t.Helper()
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]string{}
-	for _, l := range strings.Split(string(data), "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok {
-			out[k] = strings.Join(strings.Fields(v), " ")
-		}
-	}
-	return out
-}
-
 // peakKiB is a process's peak resident memory (VmHWM) in KiB.
 func peakKiB(t *testing.T, pid int) int {
 	t.Helper()
-	n, err := strconv.Atoi(strings.TrimSuffix(procStatus(t, pid)["VmHWM"], " kB"))
+	n, err := strconv.Atoi(strings.TrimSuffix(testenv.ProcStatus(t, pid)["VmHWM"], " kB"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -275,7 +259,7 @@ func TestHostileTenantWasm(t *testing.T) {
 			}
 			env.WaitLog(t, podCfg, c, "running until killed", 60*time.Second)
 			pid := taskPid(t, env, id)
-			st := procStatus(t, pid)
+			st := testenv.ProcStatus(t, pid)
 			for k, want := range map[string]string{
 				"Uid": "1000 1000 1000 1000", "Gid": "1000 1000 1000 1000",
 				"CapEff": "0000000000000000", "CapPrm": "0000000000000000", "CapBnd": "0000000000000000",

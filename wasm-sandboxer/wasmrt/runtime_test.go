@@ -294,21 +294,6 @@ func create(t *testing.T, rt task.Runtime, b *testBundle) task.Container {
 	return c
 }
 
-func procStatus(t *testing.T, pid int) map[string]string {
-	t.Helper()
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]string{}
-	for _, l := range strings.Split(string(data), "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok {
-			out[k] = strings.TrimSpace(v)
-		}
-	}
-	return out
-}
-
 // TestRuntime runs a module per engine: Create prepares the module process
 // but the module does not run; Start runs it with its args, env and root,
 // confined as a runc container (own mount namespace, root the rootfs,
@@ -340,7 +325,7 @@ func TestRuntime(t *testing.T) {
 					t.Fatal("the module did not run")
 				}
 			}
-			st := procStatus(t, c.Pid())
+			st := testenv.ProcStatus(t, c.Pid())
 			// CHOWN, DAC_OVERRIDE, FOWNER, KILL, SETGID, SETUID: 0xeb.
 			if st["NoNewPrivs"] != "1" || st["Seccomp"] != "2" || st["CapEff"] != "00000000000000eb" {
 				t.Errorf("module process: NoNewPrivs %s, Seccomp %s, CapEff %s; want 1, 2 and the spec's capabilities", st["NoNewPrivs"], st["Seccomp"], st["CapEff"])

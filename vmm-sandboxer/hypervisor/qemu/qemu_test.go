@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/zap/zaptest"
 
+	"github.com/kuasar-go/kuasar-go/shared/testenv"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/hypervisor"
 	"github.com/kuasar-go/kuasar-go/vmm-sandboxer/virtiofs"
 )
@@ -175,16 +176,7 @@ func TestQEMUStartPingStop(t *testing.T) {
 func TestQEMUUnprivileged(t *testing.T) {
 	user := testUser(t)
 	vm := startVM(t, func(c *hypervisor.Config) { c.RunAs = user })
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", vm.PID()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	fields := map[string]string{}
-	for _, l := range strings.Split(string(status), "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok {
-			fields[k] = strings.Join(strings.Fields(v), " ")
-		}
-	}
+	fields := testenv.ProcStatus(t, vm.PID())
 	id := fmt.Sprint(user.Uid)
 	for k, want := range map[string]string{
 		"Uid": strings.Repeat(id+" ", 3) + id, "Gid": strings.Repeat(id+" ", 3) + id, "Groups": "",
