@@ -56,7 +56,7 @@ build:
 	arch=$$(uname -m | sed 's/arm64/aarch64/'); \
 	echo "$(CC) -O2 -s -static ... -o $(BIN)/kuasar-wasm-runner-wasmtime (wasmtime from $$w)"; \
 	$(CC) -std=gnu11 -O2 -s -static -Wall -Wl,--gc-sections -Wl,--no-warnings -I$$w/build/include \
-		-o $(BIN)/kuasar-wasm-runner-wasmtime wasm-sandboxer/cmd/kuasar-wasm-runner-wasmtime/main.c \
+		-o $(BIN)/kuasar-wasm-runner-wasmtime $(addprefix wasm-sandboxer/cmd/kuasar-wasm-runner-wasmtime/,main.c config.c) \
 		$$w/build/linux-$$arch/libwasmtime.a -lpthread -ldl -lm
 
 # Debian packages and pinned Go tools (installs only what is missing).
