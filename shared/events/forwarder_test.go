@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -190,8 +191,8 @@ func TestForwarderDeliversInOrderOnceContainerdIsUp(t *testing.T) {
 // TestForwarderKeepsExitsThroughAnOutage stops containerd for 3 s, longer
 // than the old forwarder's five tries, while tasks of two pods exit:
 // every exit, and the delete after it, arrive once containerd is back, in
-// the order they were published, and the outage is logged once, not per
-// try.
+// the order they were published (at least once: containerd takes an exit
+// twice alike), and the outage is logged once, not per try.
 func TestForwarderKeepsExitsThroughAnOutage(t *testing.T) {
 	c := newContainerd(t)
 	c.start()
@@ -210,7 +211,9 @@ func TestForwarderKeepsExitsThroughAnOutage(t *testing.T) {
 	time.Sleep(3 * time.Second)
 	c.start()
 
-	got := c.waitFor("k8s.io delete b1")
+	// At least once: an event whose answer was lost with the connection
+	// (containerd got it, then went) is sent again, right after itself.
+	got := slices.Compact(c.waitFor("k8s.io delete b1"))
 	want := []string{"k8s.io start a1", "k8s.io exit a1/e1 1", "k8s.io exit b1/b1 2", "k8s.io exit a1/a1 137", "k8s.io delete a1", "k8s.io delete b1"}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("containerd got\n%q\nwant\n%q", got, want)
