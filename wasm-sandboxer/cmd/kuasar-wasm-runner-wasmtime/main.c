@@ -1,3 +1,8 @@
+//go:build ignore
+
+// The line above keeps this file out of this directory's Go package, the
+// cgo test of config.c; make build compiles it with wasmtime.
+
 // kuasar-wasm-runner-wasmtime is a wasm container's process for the
 // wasmtime engine, without a Go runtime: wasmtime's C API (the static
 // library that wasmtime-go ships in its Go module) and libc, linked
@@ -253,8 +258,10 @@ int main(int argc, char **argv) {
 	close(CONFIG_FD);
 	if (!line) return fail(0, 0, "read config: %s", strerror(errno));
 	struct config cfg;
-	if (parse_config(line, len, &cfg) < 0) return fail(0, 0, "decode config: malformed JSON");
+	size_t at;
+	const char *why = parse_config(line, len, &cfg, &at);
 	free(line);
+	if (why) return fail(0, 0, "decode config: %s at byte %zu", why, at);
 	if (cfg.engine && strcmp(cfg.engine, "wasmtime") != 0)
 		return fail(0, 0, "kuasar-wasm-runner-wasmtime runs the wasmtime engine only, not %s", cfg.engine);
 
