@@ -249,6 +249,13 @@ func (h *hook) prepare(ctx context.Context, name, bundle string, spec *specs.Spe
 	if !filepath.IsAbs(rootfs) {
 		rootfs = filepath.Join(bundle, rootfs)
 	}
+	// No process can take a NUL in an argument or a variable; the runner
+	// would refuse one late, and not as the caller's fault.
+	for _, s := range append(slices.Clip(ps.Args), ps.Env...) {
+		if strings.ContainsRune(s, 0) {
+			return nil, fmt.Errorf("process args and env must not contain NUL bytes: %w", errdefs.ErrInvalidArgument)
+		}
+	}
 	m, err := h.module(ctx, rootfs, spec, ps)
 	if err != nil {
 		return nil, err

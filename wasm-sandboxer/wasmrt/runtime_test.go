@@ -435,6 +435,9 @@ func TestCreateErrors(t *testing.T) {
 			wantErr: errdefs.ErrPermissionDenied, wantMsg: "wasm.allowed_engines"},
 		{name: "terminal", args: []string{"/app.wasm"}, edit: func(s *specs.Spec) { s.Process.Terminal = true }, wantErr: errdefs.ErrInvalidArgument, wantMsg: "no terminal"},
 		{name: "no proc", args: []string{"/app.wasm"}, edit: func(s *specs.Spec) { s.Mounts = s.Mounts[1:] }, wantErr: errdefs.ErrInvalidArgument, wantMsg: "need /proc"},
+		{name: "NUL in an argument", args: []string{"/app.wasm", "a\x00b"}, wantErr: errdefs.ErrInvalidArgument, wantMsg: "NUL"},
+		{name: "NUL in the environment", args: []string{"/app.wasm"}, edit: func(s *specs.Spec) { s.Process.Env = append(s.Process.Env, "X=a\x00b") },
+			wantErr: errdefs.ErrInvalidArgument, wantMsg: "NUL"},
 		{name: "import the engine lacks", args: []string{"/badimport.wasm"}, atStart: true, wantErr: errdefs.ErrInvalidArgument, wantMsg: "nosuch"},
 	}
 	for _, tc := range tests {
