@@ -63,11 +63,29 @@ func New(ctx context.Context, family Sandboxer, st *store.Store, log *zap.Logger
 		// the pods it can read.
 		log.Error("some sandbox state could not be read", zap.Error(err))
 	}
-	for _, sb := range loaded {
-		s.sandboxes[sb.ID] = s.restore(ctx, sb)
+	// In parallel: one pod slow to reattach (a VM guest that does not
+	// answer) must not hold up the others, nor the daemon's start, by more
+	// than its own wait.
+	entries := make([]*entry, len(loaded))
+	sem := make(chan struct{}, maxParallelRestores)
+	var wg sync.WaitGroup
+	for i, sb := range loaded {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			entries[i] = s.restore(ctx, sb)
+		}()
+	}
+	wg.Wait()
+	for i, sb := range loaded {
+		s.sandboxes[sb.ID] = entries[i]
 	}
 	return s, nil
 }
+
+// maxParallelRestores bounds the sandboxes reattached at once at start.
+const maxParallelRestores = 16
 
 func (s *Server) restore(ctx context.Context, sb *store.Sandbox) *entry {
 	e := &entry{sb: sb, exited: make(chan struct{})}

@@ -30,6 +30,10 @@ func HostHasVsock() bool {
 // not there yet.
 const retryDelay = 20 * time.Millisecond
 
+// freshSessionWait bounds the wait for the guest's first answer on a new
+// serial session before the session is replaced.
+const freshSessionWait = 5 * time.Second
+
 // ErrDialerClosed is returned by Dial after Close.
 var ErrDialerClosed = errors.New("transport: dialer closed")
 
@@ -120,8 +124,18 @@ func (d *SerialDialer) Dial(ctx context.Context, port uint32) (net.Conn, error) 
 			return nil, err
 		}
 		if err == nil {
+			// On a session the guest has never answered on, the guest's
+			// end may still be in the previous host's session (a daemon
+			// restart): wait a while for it, then start afresh. What
+			// this host wrote on a session it gives up is dropped with
+			// the connection, before the guest reads it.
+			tryCtx, cancel := ctx, context.CancelFunc(func() {})
+			if !m.answered.Load() {
+				tryCtx, cancel = context.WithTimeout(ctx, freshSessionWait)
+			}
 			var c net.Conn
-			c, err = m.Dial(ctx, port)
+			c, err = m.Dial(tryCtx, port)
+			cancel()
 			if err == nil {
 				return c, nil
 			}

@@ -341,3 +341,48 @@ func TestSerialDialerReplacesSessionCutShort(t *testing.T) {
 		t.Fatalf("%d sessions, Err %v; want 2 and nil", n, d.Err())
 	}
 }
+
+// TestSerialDialerReplacesSilentSession: a guest whose end of the link does
+// not answer a new session (still in the previous host's, as after a
+// daemon restart) gets a fresh one before the caller's deadline.
+func TestSerialDialerReplacesSilentSession(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "agent.sock")
+	srv := NewMuxServer()
+	t.Cleanup(func() { srv.Close() })
+	al, err := srv.Listen(AgentPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	echo(t, al)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	var sessions atomic.Int32
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			if sessions.Add(1) == 1 {
+				continue // read nothing, answer nothing
+			}
+			go srv.ServeConn(c)
+		}
+	}()
+	d := NewSerialDialer(sock)
+	t.Cleanup(func() { d.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 3*freshSessionWait)
+	defer cancel()
+	c, err := d.Dial(ctx, AgentPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if n := sessions.Load(); n != 2 || d.Err() != nil {
+		t.Fatalf("%d sessions, Err %v; want 2 and nil", n, d.Err())
+	}
+}
