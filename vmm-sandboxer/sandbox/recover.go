@@ -68,9 +68,11 @@ func (f *Family) Recover(ctx context.Context, sb *store.Sandbox) (_ <-chan contr
 	}
 	actx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	t0 := time.Now()
 	if p.agent, err = agentclient.Dial(actx, p.dialer); err != nil {
 		return nil, fmt.Errorf("reconnect to the agent: %w", err)
 	}
+	f.log.Debug("agent reconnected", zap.String("sandbox", sb.ID), zap.Duration("took", time.Since(t0)))
 	p.tasks = vmtask.New(sb.ID, p.agent, st.hostShare(), st.recordDir(), f.events.ForSandbox(sb.ID), f.fds, f.log.Named("tasks").With(zap.String("sandbox", sb.ID)))
 	if err := p.tasks.Restore(actx); err != nil {
 		f.log.Warn("some containers could not be restored", zap.String("sandbox", sb.ID), zap.Error(err))
